@@ -1,0 +1,201 @@
+"""Build a bundle from a catalog: read -> features -> train -> embed -> index -> write.
+
+    catalog rows -> load_image (uint8) -> backbone (n, d) float32, cached in the feature store
+      -> classifier trained on the catalog -> (n, 512) embeddings -> StandardScaler
+      -> FAISS index -> bundle folder (atomic)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recommender.backbones import load_backbone
+from recommender.bundle import library_versions, new_bundle_id, write_bundle, write_json
+from recommender.catalog import Catalog, check_bad_fraction, read_catalog
+from recommender.classifier import ClassifierRunner, train_classifier
+from recommender.config import BuildConfig
+from recommender.errors import BundleError, CatalogError
+from recommender.features import FeatureStore, extract_features
+from recommender.index import VectorIndex
+from recommender.scalers import fit_scaler, scaler_arrays, transform
+
+log = logging.getLogger(__name__)
+
+#: How many catalog items the build checks find themselves first (all of them up to this).
+SELF_CHECK_SAMPLE = 2000
+
+
+@dataclass
+class BuildReport:
+    """What a build did, for the CLI summary and the bundle's ``build_report.json``."""
+
+    bundle: str
+    bundle_id: str
+    items: int
+    total_rows: int
+    bad_rows: list[dict]
+    extracted: int
+    cached: int
+    seconds: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    self_retrieval: float = 0.0
+
+    def to_json(self) -> dict:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _progress_bar(total: int, description: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
+
+
+def build_bundle(
+    catalog: str | Path | Catalog,
+    out: str | Path,
+    config: BuildConfig = BuildConfig(),
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> BuildReport:
+    """Builds a bundle from a catalog.
+
+    Args:
+        catalog: a CSV path, a folder of class folders, or an already read :class:`Catalog`.
+        out: the bundle folder to create.
+        config: build settings.
+        overwrite: replace an existing bundle at ``out``.
+        progress: show progress bars (tqdm) on stderr.
+
+    Returns:
+        The build report (also written into the bundle).
+
+    Raises:
+        CatalogError: unreadable catalog, or too many bad rows (listed).
+        BackboneError / WeightsUnavailableError: the backbone cannot be loaded.
+        TrainingError: too few examples per class.
+        BundleError: ``out`` exists.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    if not isinstance(catalog, Catalog):
+        catalog = read_catalog(
+            catalog,
+            image_column=config.image_column,
+            id_column=config.id_column,
+            label_columns=list(config.label_columns),
+            split_column=config.split_column,
+            splits=list(config.splits) if config.splits else None,
+        )
+    # Fail before the expensive part when reading alone already found too many bad rows.
+    check_bad_fraction(catalog.total, catalog.bad_rows, config.max_bad_fraction)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose a new --out (bundles are immutable) or pass --overwrite")
+
+    backbone = load_backbone(config.backbone)
+    timings["load_backbone"] = time.perf_counter() - started
+    store = FeatureStore(config.feature_store, backbone.identity["key"], backbone.feature_dim)
+
+    mark = time.perf_counter()
+    with _progress_bar(len(catalog.rows), "features", progress) as bar:
+        extraction = extract_features(
+            catalog.rows,
+            backbone,
+            store,
+            flips=config.flips,
+            batch_size=config.batch_size,
+            max_pixels=config.max_pixels,
+            progress=bar.update,
+        )
+    timings["features"] = time.perf_counter() - mark
+    bad_rows = catalog.bad_rows + extraction.bad_rows
+    check_bad_fraction(catalog.total, bad_rows, config.max_bad_fraction)
+    if not extraction.rows:
+        raise CatalogError("no readable catalog rows left to build from", bad_rows=bad_rows)
+
+    mark = time.perf_counter()
+    labels = {column: [row.labels[column] for row in extraction.rows] for column in catalog.label_columns}
+    trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
+    timings["train"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    runner = ClassifierRunner(trained.model, trained.input_scaler, len(catalog.label_columns))
+    use_flips = config.flip_average and extraction.flipped is not None
+    raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
+    embedding_scaler = fit_scaler(raw_embeddings)
+    embeddings = transform(embedding_scaler, raw_embeddings)
+    index = VectorIndex.build(embeddings, config.index_kind, use_gpu=config.use_gpu)
+    self_retrieval = _self_retrieval(index, embeddings, extraction.hashes)
+    if self_retrieval < 1.0:
+        log.warning("only %.1f%% of sampled catalog items find themselves first", 100 * self_retrieval)
+    timings["index"] = time.perf_counter() - mark
+
+    bundle_id = new_bundle_id()
+    report = BuildReport(
+        bundle=str(out),
+        bundle_id=bundle_id,
+        items=len(extraction.rows),
+        total_rows=catalog.total,
+        bad_rows=[bad.to_json() for bad in bad_rows],
+        extracted=extraction.extracted,
+        cached=len(extraction.rows) - extraction.extracted,
+        metrics=trained.metrics,
+        self_retrieval=self_retrieval,
+    )
+
+    def fill(folder: Path) -> dict:
+        trained.model.save(folder / "model.keras")
+        np.savez(folder / "scalers.npz", **scaler_arrays(trained.input_scaler, "input"), **scaler_arrays(embedding_scaler, "embedding"))
+        write_json(folder / "labels.json", {"columns": trained.label_columns, "classes": trained.classes})
+        index.save(folder / "index.faiss")
+        with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
+            for row, digest in zip(extraction.rows, extraction.hashes):
+                record = {"id": row.id, "image": row.image, "path": str(row.path.resolve()), "sha256": digest, "labels": row.labels, "extra": row.extra}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        write_json(folder / "history.json", trained.history)
+        if config.backbone.weights == "none":
+            backbone.save_weights(folder / "backbone.weights.h5")
+        report.seconds = {**timings, "total": time.perf_counter() - started}
+        write_json(folder / "build_report.json", report.to_json())
+        return {
+            "bundle_id": bundle_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "libraries": library_versions(),
+            "backbone": {"spec": asdict(backbone.spec), "identity": backbone.identity},
+            "catalog": {"source": catalog.source, "label_columns": catalog.label_columns},
+            "embedding": {"dimension": int(embeddings.shape[1]), "flip_average": use_flips, "layer": "embedding"},
+            "index": {"kind": index.kind, "size": index.size},
+            "counts": {
+                "items": len(extraction.rows),
+                "catalog_rows": catalog.total,
+                "bad_rows": len(bad_rows),
+                "classes": {c: len(names) for c, names in zip(trained.label_columns, trained.classes)},
+            },
+            "metrics": trained.metrics,
+            "self_retrieval": self_retrieval,
+            "max_pixels": config.max_pixels,
+        }
+
+    write_bundle(out, fill, overwrite=overwrite)
+    return report
+
+
+def _self_retrieval(index: VectorIndex, embeddings: np.ndarray, hashes: list[str]) -> float:
+    """Share of (a sample of) catalog items whose nearest neighbour is themselves.
+
+    An item whose image bytes equal another item's (same sha256) may find its twin first at
+    distance 0; that counts as finding itself.
+    """
+    count = min(len(embeddings), SELF_CHECK_SAMPLE)
+    sample = np.random.default_rng(0).choice(len(embeddings), size=count, replace=False)
+    result = index.search(embeddings[sample], 1)
+    found = [hashes[int(p)] == hashes[int(i)] for p, i in zip(result.positions[:, 0], sample)]
+    return float(np.mean(found))

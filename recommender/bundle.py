@@ -1,0 +1,176 @@
+"""The bundle: an immutable directory holding everything a query needs, verified on load.
+
+Layout (format version 1)::
+
+    BUNDLE/
+      model.keras             classifier (features -> embedding + heads)
+      scalers.npz             input_* (backbone features) and embedding_* StandardScalers
+      labels.json             label columns and class names per head
+      index.faiss             FAISS index; id i = line i of catalog.jsonl
+      catalog.jsonl           one catalog row per line: id, image, path, sha256, labels, extra
+      history.json            per-epoch training curves
+      build_report.json       counts and the rows left out, with reasons
+      backbone.weights.h5     only for --weights none: the random-init backbone weights
+      manifest.json           written last: versions, backbone identity, counts, metrics,
+                              and the sha256 and size of every other file
+
+The bundle is written into a temporary sibling folder and renamed into place, so a reader
+never sees a half-written bundle; :func:`verify_bundle` checks the manifest against the
+files and raises :class:`BundleError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from recommender.backbones import file_sha256
+from recommender.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("model.keras", "scalers.npz", "labels.json", "index.faiss", "catalog.jsonl")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour a bundle depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("recommender", "tensorflow", "keras", "faiss-cpu", "faiss-gpu-cu12", "numpy", "scikit-learn", "h5py", "pillow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def new_bundle_id() -> str:
+    """A sortable unique id: UTC time plus a random suffix, e.g. ``20261122T073000Z-1a2b3c``."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def write_json(path: Path, payload) -> None:
+    """Writes JSON with a trailing newline (UTF-8, stable key order as given)."""
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_bundle(out: str | os.PathLike, fill: Callable[[Path], dict], *, overwrite: bool = False) -> Path:
+    """Writes a bundle atomically.
+
+    Args:
+        out: the bundle folder to create.
+        fill: called with a fresh temporary folder; writes every file except the manifest
+            and returns the manifest fields (``files`` and ``format_version`` are added here).
+        overwrite: replace an existing bundle at ``out`` (the old one is removed only after
+            the new one is in place).
+
+    Returns:
+        The bundle path.
+
+    Raises:
+        BundleError: ``out`` exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose a new --out (bundles are immutable) or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temp.mkdir()
+    try:
+        manifest = dict(fill(temp))
+        files = {}
+        for path in sorted(temp.rglob("*")):
+            if path.is_file():
+                files[path.relative_to(temp).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
+        write_json(temp / MANIFEST, manifest)
+        for path in temp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(temp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, out)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    return out
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict:
+    """Reads and sanity-checks ``manifest.json`` (no file hashing).
+
+    Raises:
+        BundleError: no bundle, no or broken manifest, or an unsupported format version.
+    """
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle not found: {bundle}")
+    path = bundle / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST} (not a bundle, or its build did not finish)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{bundle}: bundle format version {version!r}, this version reads {FORMAT_VERSION}")
+    for key in ("bundle_id", "backbone", "files", "counts", "embedding"):
+        if key not in manifest:
+            raise BundleError(f"{path}: missing field {key!r}")
+    return manifest
+
+
+def verify_bundle(bundle: str | os.PathLike) -> dict:
+    """Checks every file against the manifest: present, same size, same sha256; no extras.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        BundleError: naming the first file that is missing, truncated, changed or unexpected.
+    """
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    files = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise BundleError(f"{bundle}: manifest does not list required file {name}")
+    for name, expected in files.items():
+        path = bundle / name
+        if not path.is_file():
+            raise BundleError(f"{bundle}: file {name} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise BundleError(f"{bundle}: file {name} has {size} bytes, the manifest says {expected['bytes']} (truncated or changed)")
+        if file_sha256(path) != expected["sha256"]:
+            raise BundleError(f"{bundle}: file {name} does not match its sha256 in the manifest (changed or corrupt)")
+    extra = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    unexpected = [name for name in extra if name not in files]
+    if unexpected:
+        raise BundleError(f"{bundle}: files not in the manifest: {', '.join(unexpected)}")
+    return manifest
+
+
+def read_catalog_rows(bundle: Path, expected: int) -> list[dict]:
+    """Reads ``catalog.jsonl``; checks it has ``expected`` rows."""
+    rows = []
+    with open(bundle / "catalog.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            rows.append(json.loads(line))
+    if len(rows) != expected:
+        raise BundleError(f"{bundle}: catalog.jsonl has {len(rows)} rows, the manifest says {expected}")
+    return rows

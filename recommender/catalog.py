@@ -1,0 +1,249 @@
+"""Catalog reading and validation: a CSV manifest or a folder of class folders -> rows.
+
+A catalog is a list of products, each with an id, one image file and one or more labels.
+Reading checks what can be checked without decoding (file present, id unique, labels
+non-empty); image decoding errors are found during feature extraction. Both kinds of bad
+row are collected as :class:`BadRow` and judged together by :func:`check_bad_fraction`:
+a build tolerates a few bad rows but refuses a catalog where too many are bad.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recommender.errors import CatalogError
+
+#: File endings taken from a folder-of-class-folders catalog.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+#: How many bad rows an error message lists before summarising the rest.
+MAX_LISTED_BAD_ROWS = 20
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """One product.
+
+    Attributes:
+        id: unique product id (the image path as written when no id column is given).
+        image: the image path as written in the catalog (relative to the catalog's folder).
+        path: the resolved image path on disk.
+        labels: label column -> value, in the order of the label columns.
+        extra: the row's other columns (e.g. title, split), kept for display.
+        line: 1-based line in the CSV (header is line 1); 0 for folder catalogs.
+    """
+
+    id: str
+    image: str
+    path: Path
+    labels: dict[str, str]
+    extra: dict[str, str] = field(default_factory=dict)
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row left out of the build, and why."""
+
+    line: int
+    id: str
+    image: str
+    reason: str
+
+    def describe(self) -> str:
+        """One line for logs and error messages."""
+        where = f"line {self.line}" if self.line else self.image
+        return f"{where} (id {self.id!r}): {self.reason}"
+
+    def to_json(self) -> dict:
+        """JSON-ready form for the bundle's build report."""
+        return {"line": self.line, "id": self.id, "image": self.image, "reason": self.reason}
+
+
+@dataclass
+class Catalog:
+    """Rows that passed reading checks, the ones that did not, and where they came from.
+
+    Attributes:
+        rows: the good rows, in catalog order.
+        bad_rows: rows rejected so far, with reasons.
+        label_columns: label column names; the first is the primary class.
+        root: folder that relative image paths are resolved against.
+        source: the catalog path as given.
+        total: number of data rows read (good + bad).
+    """
+
+    rows: list[CatalogRow]
+    bad_rows: list[BadRow]
+    label_columns: list[str]
+    root: Path
+    source: str
+    total: int
+
+    def without(self, ids: set[str]) -> Catalog:
+        """Returns a copy with the rows whose id is in ``ids`` removed (bad rows kept)."""
+        return Catalog(
+            rows=[row for row in self.rows if row.id not in ids],
+            bad_rows=list(self.bad_rows),
+            label_columns=list(self.label_columns),
+            root=self.root,
+            source=self.source,
+            total=self.total,
+        )
+
+
+def read_catalog(
+    source: str | Path,
+    *,
+    image_column: str = "file",
+    id_column: str | None = None,
+    label_columns: list[str] | tuple[str, ...] = ("label",),
+    split_column: str = "split",
+    splits: list[str] | tuple[str, ...] | None = None,
+) -> Catalog:
+    """Reads a CSV manifest or a folder of class folders.
+
+    Args:
+        source: a ``.csv`` file, or a folder whose subfolders are class names.
+        image_column: CSV column with the image path, relative to the CSV's folder.
+        id_column: CSV column with the product id; without it the image path is the id.
+        label_columns: one or more label columns; the first is the primary class. A folder
+            catalog has one label column, named by the first entry.
+        split_column: column that names each row's split, used only with ``splits``.
+        splits: if given, keep only rows whose ``split_column`` is one of these.
+
+    Returns:
+        The catalog, with rows that failed reading checks in ``bad_rows``.
+
+    Raises:
+        CatalogError: the catalog is missing, empty, or lacks a named column.
+    """
+    label_columns = list(label_columns)
+    if not label_columns:
+        raise CatalogError("at least one label column is needed")
+    if len(set(label_columns)) != len(label_columns):
+        raise CatalogError(f"label columns repeat: {label_columns}")
+    path = Path(source)
+    if not path.exists():
+        raise CatalogError(f"catalog not found: {path}")
+    if path.is_dir():
+        if splits:
+            raise CatalogError("--split filters need a CSV catalog with a split column")
+        return _read_folder(path, label_columns[0])
+    return _read_csv(path, image_column, id_column, label_columns, split_column, splits)
+
+
+def _read_folder(folder: Path, label_column: str) -> Catalog:
+    class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise CatalogError(f"{folder}: no class folders (expected FOLDER/<class>/<image>)")
+    rows: list[CatalogRow] = []
+    for class_dir in class_dirs:
+        for image_path in sorted(class_dir.rglob("*")):
+            if image_path.is_file() and image_path.suffix.lower() in IMAGE_SUFFIXES:
+                relative = image_path.relative_to(folder).as_posix()
+                rows.append(CatalogRow(id=relative, image=relative, path=image_path, labels={label_column: class_dir.name}))
+    if not rows:
+        raise CatalogError(f"{folder}: no image files in its class folders")
+    return Catalog(rows=rows, bad_rows=[], label_columns=[label_column], root=folder, source=str(folder), total=len(rows))
+
+
+def _read_csv(
+    path: Path,
+    image_column: str,
+    id_column: str | None,
+    label_columns: list[str],
+    split_column: str,
+    splits,
+) -> Catalog:
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as error:
+        raise CatalogError(f"cannot open catalog {path}: {error.strerror}") from None
+    with handle:
+        try:
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames
+            if not header:
+                raise CatalogError(f"{path}: empty file, expected a CSV header line")
+            needed = [image_column, *label_columns] + ([id_column] if id_column else []) + ([split_column] if splits else [])
+            missing = [column for column in needed if column not in header]
+            if missing:
+                raise CatalogError(
+                    f"{path}: missing column(s) {', '.join(missing)}; the header has: {', '.join(header)} "
+                    f"(choose columns with --image-column, --id-column, --label-column)"
+                )
+            records = list(reader)
+        except UnicodeDecodeError:
+            raise CatalogError(f"{path}: not a UTF-8 text CSV file") from None
+        except csv.Error as error:
+            raise CatalogError(f"{path}: malformed CSV ({error})") from None
+    if splits:
+        wanted = set(splits)
+        records = [(line, r) for line, r in enumerate(records, start=2) if (r.get(split_column) or "").strip() in wanted]
+    else:
+        records = list(enumerate(records, start=2))
+    if not records:
+        raise CatalogError(f"{path}: no data rows" + (f" in split(s) {', '.join(splits)}" if splits else ""))
+
+    root = path.parent
+    rows: list[CatalogRow] = []
+    bad: list[BadRow] = []
+    seen_ids: dict[str, int] = {}
+    for line, record in records:
+        image = (record.get(image_column) or "").strip()
+        row_id = (record.get(id_column) or "").strip() if id_column else image
+        reason = None
+        if None in record:
+            reason = "more fields than the header has columns"
+        elif not image:
+            reason = f"empty {image_column!r}"
+        elif not row_id:
+            reason = f"empty id in column {id_column!r}"
+        elif row_id in seen_ids:
+            reason = f"duplicate id (first on line {seen_ids[row_id]})"
+        else:
+            empty = [c for c in label_columns if not (record.get(c) or "").strip()]
+            if empty:
+                reason = f"empty label in column(s) {', '.join(empty)}"
+        image_path = (root / image) if image else root
+        if reason is None and not image_path.is_file():
+            reason = "image file not found" if not image_path.exists() else "image path is not a file"
+        if reason is not None:
+            bad.append(BadRow(line=line, id=row_id, image=image, reason=reason))
+            continue
+        seen_ids[row_id] = line
+        labels = {c: record[c].strip() for c in label_columns}
+        extra = {k: (v or "") for k, v in record.items() if k not in labels and k not in (image_column, id_column) and k is not None}
+        rows.append(CatalogRow(id=row_id, image=image, path=image_path, labels=labels, extra=extra, line=line))
+    return Catalog(rows=rows, bad_rows=bad, label_columns=label_columns, root=root, source=str(path), total=len(records))
+
+
+def describe_bad_rows(bad_rows: list[BadRow], limit: int = MAX_LISTED_BAD_ROWS) -> str:
+    """Formats bad rows one per line, listing at most ``limit`` of them."""
+    lines = [f"  {bad.describe()}" for bad in bad_rows[:limit]]
+    if len(bad_rows) > limit:
+        lines.append(f"  ... and {len(bad_rows) - limit} more")
+    return "\n".join(lines)
+
+
+def check_bad_fraction(total: int, bad_rows: list[BadRow], max_bad_fraction: float) -> None:
+    """Refuses a catalog where more than ``max_bad_fraction`` of the rows are bad.
+
+    Raises:
+        CatalogError: too many bad rows (the error lists them and carries them in ``bad_rows``).
+    """
+    if total and len(bad_rows) / total > max_bad_fraction:
+        raise CatalogError(
+            f"{len(bad_rows)} of {total} catalog rows are bad ({len(bad_rows) / total:.1%}, "
+            f"limit --max-bad-fraction {max_bad_fraction:g}):\n{describe_bad_rows(bad_rows)}",
+            bad_rows=bad_rows,
+        )
+
+
+def label_counts(rows: list[CatalogRow], column: str) -> Counter:
+    """Counts the values of one label column."""
+    return Counter(row.labels[column] for row in rows)

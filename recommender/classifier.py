@@ -1,0 +1,279 @@
+"""The trained dense classifier whose 512-d ``embedding`` layer makes the similarity space.
+
+    features (n, d) float32 -> standardize (fit on training rows)
+      -> Dense 1024 relu -> Dropout -> Dense 512 relu "embedding" -> Dropout
+      -> one softmax head per label column (``head_0`` is the primary class)
+
+One model, one forward pass for all heads. Class imbalance is handled per head with
+balanced sample weights (a multi-head model cannot take one ``class_weight``). Training is
+seeded; early stopping watches the validation loss of a stratified split of the catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_sample_weight
+
+from recommender.errors import TrainingError
+from recommender.scalers import fit_scaler, transform
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_LAYER = "embedding"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Classifier hyper-parameters (defaults measured on clothing-small; see README).
+
+    Attributes:
+        hidden_units: width of the first dense layer.
+        embedding_units: width of the ``embedding`` layer.
+        dropout: dropout rate after each dense layer.
+        learning_rate: Adam learning rate.
+        batch_size: training batch size.
+        max_epochs: upper bound; early stopping usually ends sooner.
+        patience: epochs without validation-loss improvement before stopping.
+        label_smoothing: categorical label smoothing.
+        validation_fraction: share of catalog rows held out (stratified) for early stopping.
+        balance_classes: weight samples so every class of a head counts equally.
+        flip_augment: also train on features of mirrored images (when extracted).
+        seed: seeds the split, initialisation, dropout and shuffling.
+    """
+
+    hidden_units: int = 1024
+    embedding_units: int = 512
+    dropout: float = 0.7
+    learning_rate: float = 4e-4
+    batch_size: int = 64
+    max_epochs: int = 32
+    patience: int = 5
+    label_smoothing: float = 0.0
+    validation_fraction: float = 0.1
+    balance_classes: bool = True
+    flip_augment: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainedClassifier:
+    """A fitted classifier and what the bundle records about it.
+
+    Attributes:
+        model: Keras model: input (n, d) standardized features -> {"embedding", "head_i"}.
+        input_scaler: StandardScaler fit on the training rows' backbone features.
+        label_columns: label column per head, in head order.
+        classes: per head, class names by index.
+        history: per-epoch training curves, JSON-ready.
+        metrics: validation metrics, JSON-ready.
+        train_index: catalog positions used for training.
+        validation_index: catalog positions held out.
+    """
+
+    model: object
+    input_scaler: object
+    label_columns: list[str]
+    classes: list[list[str]]
+    history: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    train_index: np.ndarray | None = None
+    validation_index: np.ndarray | None = None
+
+
+def build_model(feature_dim: int, class_counts: list[int], config: TrainConfig):
+    """Creates the Keras models.
+
+    Returns:
+        ``(model, training_model)``: the same layers; ``model`` outputs a dict with
+        ``embedding`` (n, 512) and ``head_i`` (n, classes_i), ``training_model`` only the heads.
+    """
+    import keras
+
+    inputs = keras.Input((feature_dim,), name="features")
+    hidden = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(inputs)
+    hidden = keras.layers.Dropout(config.dropout, name="hidden_dropout")(hidden)
+    embedding = keras.layers.Dense(config.embedding_units, activation="relu", name=EMBEDDING_LAYER)(hidden)
+    dropped = keras.layers.Dropout(config.dropout, name="embedding_dropout")(embedding)
+    heads = {
+        f"head_{index}": keras.layers.Dense(count, activation="softmax", name=f"head_{index}")(dropped)
+        for index, count in enumerate(class_counts)
+    }
+    # Two views of the same layers: the trained one has only the heads as outputs (Keras wants
+    # a target per output); the saved one also exposes the embedding for indexing.
+    training_model = keras.Model(inputs, heads, name="classifier_training")
+    model = keras.Model(inputs, {EMBEDDING_LAYER: embedding, **heads}, name="classifier")
+    return model, training_model
+
+
+def stratified_split(labels: list[str], validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits positions into train/validation, stratified on the primary labels.
+
+    Raises:
+        TrainingError: a class has fewer than 2 examples, or there are too few rows.
+    """
+    counts = Counter(labels)
+    if len(counts) < 2:
+        raise TrainingError(f"need at least 2 classes to train a classifier, the catalog has {len(counts)}")
+    too_few = sorted((name for name, count in counts.items() if count < 2), key=str)
+    if too_few:
+        raise TrainingError(
+            f"class(es) with fewer than 2 examples cannot be split into train and validation: "
+            f"{', '.join(repr(c) for c in too_few[:20])}; add examples or remove those rows"
+        )
+    positions = np.arange(len(labels))
+    n_validation = max(len(counts), int(round(len(labels) * validation_fraction)))
+    if len(labels) - n_validation < len(counts):
+        raise TrainingError(f"{len(labels)} rows are too few for {len(counts)} classes with a validation split")
+    train, validation = train_test_split(positions, test_size=n_validation, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(validation)
+
+
+def train_classifier(
+    features: np.ndarray,
+    labels: dict[str, list[str]],
+    config: TrainConfig = TrainConfig(),
+    *,
+    flipped: np.ndarray | None = None,
+    verbose: int = 0,
+) -> TrainedClassifier:
+    """Trains the multi-head classifier on catalog features.
+
+    Args:
+        features: (n, d) float32 backbone features, catalog order.
+        labels: label column -> n label strings; the first column is the primary class.
+        config: hyper-parameters.
+        flipped: (n, d) float32 features of the mirrored images, used as extra training rows
+            when ``config.flip_augment``.
+        verbose: Keras fit verbosity.
+
+    Returns:
+        The trained classifier with its validation metrics and history.
+
+    Raises:
+        TrainingError: too few examples for a stratified split.
+    """
+    import keras
+
+    columns = list(labels)
+    primary = labels[columns[0]]
+    train_index, validation_index = stratified_split(primary, config.validation_fraction, config.seed)
+    classes = [sorted(set(labels[c]), key=str) for c in columns]
+    encoded = [_encode(labels[c], names) for c, names in zip(columns, classes)]
+
+    train_features = features[train_index]
+    train_targets = [codes[train_index] for codes in encoded]
+    if config.flip_augment and flipped is not None:
+        train_features = np.concatenate([train_features, flipped[train_index]])
+        train_targets = [np.concatenate([t, t]) for t in train_targets]
+    scaler = fit_scaler(features[train_index])
+    x_train = transform(scaler, train_features)
+    x_validation = transform(scaler, features[validation_index])
+
+    keras.utils.set_random_seed(config.seed)
+    model, training_model = build_model(features.shape[1], [len(c) for c in classes], config)
+    heads = [f"head_{i}" for i in range(len(columns))]
+    training_model.compile(
+        optimizer=keras.optimizers.Adam(config.learning_rate),
+        loss={h: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for h in heads},
+        metrics={h: ["accuracy"] for h in heads},
+    )
+
+    def one_hot(targets):
+        return {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, targets, classes)}
+
+    sample_weight = None
+    if config.balance_classes:
+        sample_weight = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, train_targets)}
+    validation_targets = [codes[validation_index] for codes in encoded]
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    fit = training_model.fit(
+        x_train,
+        one_hot(train_targets),
+        sample_weight=sample_weight,
+        validation_data=(x_validation, one_hot(validation_targets)),
+        batch_size=config.batch_size,
+        epochs=config.max_epochs,
+        callbacks=[stopper],
+        shuffle=True,
+        verbose=verbose,
+    )
+    history = {name: [float(v) for v in values] for name, values in fit.history.items()}
+    predictions = training_model.predict(x_validation, batch_size=1024, verbose=0)
+    metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index)), "heads": {}}
+    for head, column, truth in zip(heads, columns, validation_targets):
+        accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
+        metrics["heads"][column] = {"validation_accuracy": accuracy}
+    metrics["epochs_run"] = len(history.get("loss", []))
+    metrics["best_validation_loss"] = float(min(history["val_loss"])) if history.get("val_loss") else None
+    metrics["config"] = asdict(config)
+    return TrainedClassifier(
+        model=model,
+        input_scaler=scaler,
+        label_columns=columns,
+        classes=classes,
+        history=history,
+        metrics=metrics,
+        train_index=train_index,
+        validation_index=validation_index,
+    )
+
+
+def _encode(values: list[str], names: list[str]) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(names)}
+    return np.array([lookup[v] for v in values])
+
+
+class ClassifierRunner:
+    """Runs a trained model for inference through one compiled call (no ``model.predict``).
+
+    Args:
+        model: the Keras classifier.
+        input_scaler: StandardScaler of the backbone features.
+        head_count: number of softmax heads.
+    """
+
+    def __init__(self, model, input_scaler, head_count: int):
+        import tensorflow as tf
+
+        self.model = model
+        self.input_scaler = input_scaler
+        self.head_count = head_count
+        width = int(model.inputs[0].shape[-1])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)], reduce_retracing=True)
+        def forward(batch):
+            return model(batch, training=False)
+
+        self._forward = forward
+
+    def run(self, features: np.ndarray, flipped: np.ndarray | None = None, batch_size: int = 4096):
+        """Embeds backbone features and predicts every head.
+
+        Args:
+            features: (n, d) float32 backbone features.
+            flipped: (n, d) float32 features of the mirrored images; when given, the result
+                is the mean of both views (flip-averaged).
+            batch_size: rows per compiled call.
+
+        Returns:
+            ``((n, 512) float32 embeddings, [(n, classes_i) float32 probabilities per head])``.
+        """
+        views = [features] if flipped is None else [features, flipped]
+        embeddings, heads = [], [[] for _ in range(self.head_count)]
+        for start in range(0, len(features), batch_size):
+            outputs = [self._forward(transform(self.input_scaler, v[start : start + batch_size])) for v in views]
+            embeddings.append(np.mean([o[EMBEDDING_LAYER].numpy() for o in outputs], axis=0))
+            for i in range(self.head_count):
+                heads[i].append(np.mean([o[f"head_{i}"].numpy() for o in outputs], axis=0))
+        width = int(self.model.get_layer(EMBEDDING_LAYER).units)
+        if not embeddings:
+            return np.zeros((0, width), np.float32), [np.zeros((0, 0), np.float32) for _ in range(self.head_count)]
+        return (
+            np.concatenate(embeddings).astype(np.float32),
+            [np.concatenate(h).astype(np.float32) for h in heads],
+        )

@@ -1,0 +1,189 @@
+"""The ``recommender`` command: build, query and demo subcommands.
+
+Exit codes: 0 success, 1 user or data error (one clear line on stderr, no traceback),
+2 usage error (argparse). Library errors are typed (``recommender.errors``); this is the only
+layer, with the web app, that turns them into messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _quiet_tensorflow() -> None:
+    """Silences TensorFlow's C++ start-up chatter unless the user asked for it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _add_build_flags(parser: argparse.ArgumentParser) -> None:
+    from recommender.config import BuildConfig
+
+    defaults = BuildConfig()
+    parser.add_argument("--image-column", default=defaults.image_column, help="CSV column with image paths, relative to the CSV's folder (default: %(default)s)")
+    parser.add_argument("--id-column", default=None, help="CSV column with product ids (default: the image path is the id)")
+    parser.add_argument("--label-column", action="append", dest="label_columns", metavar="COLUMN", help="label column, repeatable: one head each; the first is the primary class (default: label)")
+    parser.add_argument("--split", action="append", dest="splits", metavar="NAME", help="keep only rows of this split (repeatable), read from --split-column")
+    parser.add_argument("--split-column", default=defaults.split_column, help="CSV column naming each row's split (default: %(default)s)")
+    parser.add_argument("--backbone", default=defaults.backbone.name, help="resnet50 (default) or tflite:PATH")
+    parser.add_argument("--weights", default=defaults.backbone.weights, help="resnet50 weights: imagenet (default, Keras download/cache), none (random init), or a weights file PATH")
+    parser.add_argument("--image-size", type=int, default=None, help="resnet50 input size in pixels (default 224)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, training and random init (default: 0)")
+    parser.add_argument("--max-bad-fraction", type=float, default=defaults.max_bad_fraction, help="fail when more than this share of rows is bad (default: %(default)s)")
+    parser.add_argument("--feature-store", type=Path, default=None, help="HDF5 feature cache (default: $RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)")
+    parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default=defaults.index_kind, help="FAISS index kind (default: auto = exact below 100,000 items)")
+    parser.add_argument("--no-flips", action="store_true", help="do not use mirrored images (no flip augmentation, no flip-averaged embeddings)")
+    parser.add_argument("--epochs", type=int, default=None, help="maximum training epochs (early stopping usually ends sooner)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+
+
+def build_config_from_args(args: argparse.Namespace):
+    """Resolves build flags into one :class:`BuildConfig` (the only place flags are read)."""
+    from recommender.backbones import BackboneSpec
+    from recommender.config import BuildConfig
+
+    defaults = BuildConfig()
+    spec = BackboneSpec(name=args.backbone, weights=args.weights, input_size=args.image_size or 224, seed=args.seed)
+    train = replace(defaults.train, seed=args.seed, **({"max_epochs": args.epochs} if args.epochs else {}))
+    return replace(
+        defaults,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        label_columns=tuple(args.label_columns or ("label",)),
+        split_column=args.split_column,
+        splits=tuple(args.splits) if args.splits else None,
+        backbone=spec,
+        train=train,
+        flips=not args.no_flips,
+        flip_average=not args.no_flips,
+        index_kind=args.index,
+        max_bad_fraction=args.max_bad_fraction,
+        feature_store=args.feature_store or defaults.feature_store,
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m recommender``."""
+    parser = argparse.ArgumentParser(prog="recommender", description="Visual similarity recommender: build a bundle from a catalog, then ask it about photos.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (library logs at INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="build a bundle from a catalog", description="Read a catalog, extract features, train the classifier, index every item and write a bundle.")
+    build.add_argument("--catalog", required=True, help="catalog CSV, folder of class folders, or fashion-mnist[:IDX_DIR]")
+    build.add_argument("--out", required=True, type=Path, help="bundle folder to create")
+    _add_build_flags(build)
+
+    query = commands.add_parser("query", help="ask a bundle about images", description="Print one JSON object per image: predicted labels and the k nearest catalog items.")
+    query.add_argument("--bundle", required=True, type=Path, help="bundle folder")
+    query.add_argument("--k", type=int, default=6, help="neighbours per image, 1..100 (default: 6)")
+    query.add_argument("--include-self", action="store_true", help="keep a catalog item among its own neighbours")
+    query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
+
+    demo = commands.add_parser("demo", help="build a demo bundle from generated images and query it", description="Generate a small catalog in data/demo, build a bundle, run example queries.")
+    demo.add_argument("--weights", default="imagenet", help="imagenet (default; random init is used, and said, when it cannot be had), none, or PATH")
+    demo.add_argument("--folder", type=Path, default=None, help="demo folder (default: data/demo in the repository)")
+    demo.add_argument("--rebuild", action="store_true", help="rebuild the demo bundle even if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    _quiet_tensorflow()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from recommender.errors import RecommenderError
+
+    try:
+        if args.command == "build":
+            return _run_build(args)
+        if args.command == "query":
+            return _run_query(args)
+        if args.command == "demo":
+            from indexer.demo import run_demo
+
+            return run_demo(weights=args.weights, folder=args.folder, rebuild=args.rebuild)
+    except RecommenderError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_USAGE
+
+
+def _resolve_catalog(spec: str) -> str:
+    """Turns ``fashion-mnist[:IDX_DIR]`` into an ordinary catalog CSV; other specs pass through."""
+    from recommender import fashion_mnist
+
+    idx_dir = fashion_mnist.parse_source(spec)
+    if idx_dir is None:
+        return spec
+    target = Path(idx_dir) / "catalog" if idx_dir else Path.home() / ".cache" / "recommender" / "fashion-mnist"
+    print(f"fashion-mnist: writing the catalog into {target}", file=sys.stderr)
+    return str(fashion_mnist.materialize(target, idx_dir or None))
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from indexer.build import build_bundle
+    from recommender.catalog import describe_bad_rows, read_catalog
+
+    config = build_config_from_args(args)
+    source = _resolve_catalog(args.catalog)
+    catalog = read_catalog(
+        source,
+        image_column=config.image_column,
+        id_column=config.id_column,
+        label_columns=list(config.label_columns),
+        split_column=config.split_column,
+        splits=list(config.splits) if config.splits else None,
+    )
+    report = build_bundle(catalog, args.out, config, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    if report.bad_rows:
+        from recommender.catalog import BadRow
+
+        bad = [BadRow(**row) for row in report.bad_rows]
+        print(f"{len(bad)} of {report.total_rows} rows left out:\n{describe_bad_rows(bad)}", file=sys.stderr)
+    heads = ", ".join(f"{column} {values['validation_accuracy']:.3f}" for column, values in report.metrics["heads"].items())
+    print(
+        f"built {report.bundle} (id {report.bundle_id}): {report.items} items, "
+        f"{report.extracted} images through the backbone, {report.cached} from the feature store; "
+        f"validation accuracy: {heads}; {report.seconds.get('total', 0):.1f} s",
+        file=sys.stderr,
+    )
+    print(json.dumps({"bundle": report.bundle, "bundle_id": report.bundle_id, "items": report.items, "bad_rows": len(report.bad_rows), "extracted": report.extracted, "metrics": report.metrics["heads"]}))
+    return EXIT_OK
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from recommender.engine import MAX_K, load_bundle
+    from recommender.errors import InvalidImageError
+
+    if not 1 <= args.k <= MAX_K:
+        print(f"error: --k must be from 1 to {MAX_K}, got {args.k}", file=sys.stderr)
+        return EXIT_USAGE
+    recommender = load_bundle(args.bundle)
+    failed = 0
+    for image in args.images:
+        try:
+            answer = recommender.query(image, k=args.k, exclude_self=not args.include_self, name=image)
+        except InvalidImageError as error:
+            failed += 1
+            print(f"error: {image}: {error}", file=sys.stderr)
+            continue
+        print(json.dumps(answer, ensure_ascii=False), flush=True)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+def main_entry() -> None:
+    """Console-script entry point (``recommender``)."""
+    sys.exit(main())

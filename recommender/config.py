@@ -1,0 +1,58 @@
+"""Build defaults in one frozen dataclass, resolved once at the entry point and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recommender.backbones import BackboneSpec
+from recommender.classifier import TrainConfig
+from recommender.images import DEFAULT_MAX_PIXELS
+
+
+def default_feature_store() -> Path:
+    """``$RECOMMENDER_CACHE/features.h5``, else ``~/.cache/recommender/features.h5``."""
+    root = os.environ.get("RECOMMENDER_CACHE") or Path.home() / ".cache" / "recommender"
+    return Path(root) / "features.h5"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build needs besides the catalog path and the output folder.
+
+    Attributes:
+        image_column: CSV column with image paths (relative to the CSV's folder).
+        id_column: CSV column with product ids; None uses the image path as the id.
+        label_columns: label columns, one head each; the first is the primary class.
+        split_column: CSV column naming each row's split (used with ``splits``).
+        splits: keep only rows of these splits (e.g. train, validation); None keeps all.
+        backbone: backbone name, weights, input size and init seed.
+        train: classifier hyper-parameters (its ``seed`` is the build's seed).
+        flips: extract mirrored-image features (training augmentation, flip-averaged
+            embeddings).
+        flip_average: embed catalog items and queries as the mean of the image's and its
+            mirror's features (needs ``flips``).
+        index_kind: ``auto``, ``flat`` or ``hnsw``.
+        max_bad_fraction: refuse the catalog when more than this share of rows is bad.
+        max_pixels: decompression-bomb limit for every image.
+        batch_size: images per backbone forward pass.
+        feature_store: HDF5 feature cache path.
+        use_gpu: move the FAISS index to a GPU when one is visible.
+    """
+
+    image_column: str = "file"
+    id_column: str | None = None
+    label_columns: tuple[str, ...] = ("label",)
+    split_column: str = "split"
+    splits: tuple[str, ...] | None = None
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flips: bool = True
+    flip_average: bool = True
+    index_kind: str = "auto"
+    max_bad_fraction: float = 0.05
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 32
+    feature_store: Path = field(default_factory=default_feature_store)
+    use_gpu: bool = True

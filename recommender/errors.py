@@ -1,0 +1,47 @@
+"""Typed exceptions raised by the library; only the CLI and the web layer turn them into messages."""
+
+from __future__ import annotations
+
+
+class RecommenderError(Exception):
+    """Base class of every error the library raises on purpose (user or data errors)."""
+
+
+class InvalidImageError(RecommenderError):
+    """An image could not be read: empty, truncated, not an image, or too many pixels."""
+
+
+class CatalogError(RecommenderError):
+    """A catalog is missing, malformed, or has too many bad rows to build from.
+
+    Attributes:
+        bad_rows: the rejected rows as ``(row, reason)`` pairs, where known.
+    """
+
+    def __init__(self, message: str, bad_rows: list | None = None):
+        super().__init__(message)
+        self.bad_rows = list(bad_rows or [])
+
+
+class BackboneError(RecommenderError):
+    """A backbone name is unknown or its model file cannot be loaded."""
+
+
+class WeightsUnavailableError(BackboneError):
+    """Pretrained weights could not be downloaded or read (offline, missing or wrong file)."""
+
+
+class FeatureStoreError(RecommenderError):
+    """The HDF5 feature store is unreadable or was written for another backbone."""
+
+
+class TrainingError(RecommenderError):
+    """The classifier cannot be trained on this data (e.g. too few examples per class)."""
+
+
+class BundleError(RecommenderError):
+    """A bundle is missing, incomplete, tampered with, or of an unsupported format version."""
+
+
+class QueryError(RecommenderError):
+    """A query is malformed (e.g. k out of range)."""

@@ -1,0 +1,333 @@
+"""Backbone features cached in HDF5 by image content hash, and the batched extraction loop.
+
+Store layout (``features.h5``, format version 1)::
+
+    /<backbone key>/<view>/hashes    (n,)  S64    hex sha256 of the encoded image
+    /<backbone key>/<view>/features  (n, d) float32
+
+``view`` is ``original`` or ``flipped`` (the horizontally mirrored image). The backbone key
+changes with anything that changes the features (model file, weights, input size).
+
+Crash safety: the main file is never modified in place. Each extracted batch is written as a
+small segment file (``features.h5.segments/*.h5``, temp file + ``os.replace``), so a run
+killed at any moment loses at most the batch in flight, and the main file is rewritten only
+by :meth:`FeatureStore.compact` (also temp + ``os.replace``). A reader therefore sees either
+the old or the new main file, plus whole segments, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from recommender.catalog import BadRow, CatalogRow
+from recommender.errors import FeatureStoreError, InvalidImageError
+from recommender.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+VIEWS = ("original", "flipped")
+
+
+class FeatureStore:
+    """HDF5 cache of backbone features keyed by (backbone key, view, image sha256).
+
+    Args:
+        path: the main HDF5 file (created on first :meth:`compact`).
+        backbone_key: ``Backbone.identity["key"]``.
+        feature_dim: features per image; a stored group with another width is an error.
+    """
+
+    def __init__(self, path: str | os.PathLike, backbone_key: str, feature_dim: int):
+        self.path = Path(path)
+        self.segments_dir = self.path.with_name(self.path.name + ".segments")
+        self.backbone_key = backbone_key
+        self.feature_dim = feature_dim
+        # (view, hash) -> (file path, row); filled from the main file and the segments.
+        self._where: dict[tuple[str, str], tuple[Path, int]] = {}
+        self._scan()
+
+    # -- reading -------------------------------------------------------------------------
+    def _scan(self) -> None:
+        self._where.clear()
+        files = [self.path] if self.path.exists() else []
+        if self.segments_dir.is_dir():
+            files += sorted(p for p in self.segments_dir.glob("*.h5") if not p.name.startswith("."))
+        for file_path in files:
+            for view, hashes in self._read_hashes(file_path).items():
+                for row, digest in enumerate(hashes):
+                    self._where[(view, digest)] = (file_path, row)
+
+    def _read_hashes(self, file_path: Path) -> dict[str, list[str]]:
+        try:
+            with h5py.File(file_path, "r") as handle:
+                version = int(handle.attrs.get("format_version", -1))
+                if version != STORE_FORMAT_VERSION:
+                    raise FeatureStoreError(
+                        f"{file_path}: feature store format {version}, this version reads {STORE_FORMAT_VERSION}"
+                    )
+                group = handle.get(self.backbone_key)
+                if group is None:
+                    return {}
+                found = {}
+                for view in VIEWS:
+                    if view not in group:
+                        continue
+                    width = group[view]["features"].shape[1]
+                    if width != self.feature_dim:
+                        raise FeatureStoreError(
+                            f"{file_path}: stored features have {width} values, the backbone gives {self.feature_dim}"
+                        )
+                    found[view] = [h.decode() for h in group[view]["hashes"][:]]
+                return found
+        except FeatureStoreError:
+            raise
+        except (OSError, KeyError, ValueError) as error:
+            raise FeatureStoreError(
+                f"feature store file {file_path} is unreadable ({error}); delete it to start a fresh cache"
+            ) from None
+
+    def __len__(self) -> int:
+        return sum(1 for view, _ in self._where if view == "original")
+
+    def contains(self, digest: str, view: str = "original") -> bool:
+        """Whether features of this image (by sha256) are stored for the view."""
+        return (view, digest) in self._where
+
+    def get(self, digests: list[str], view: str = "original") -> np.ndarray:
+        """Reads stored features.
+
+        Args:
+            digests: image sha256s, all present (see :meth:`contains`).
+            view: ``original`` or ``flipped``.
+
+        Returns:
+            (len(digests), feature_dim) float32, in the order asked.
+        """
+        out = np.empty((len(digests), self.feature_dim), np.float32)
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for position, digest in enumerate(digests):
+            try:
+                file_path, row = self._where[(view, digest)]
+            except KeyError:
+                raise FeatureStoreError(f"no stored {view} features for image {digest[:12]}") from None
+            by_file.setdefault(file_path, []).append((row, position))
+        for file_path, pairs in by_file.items():
+            pairs.sort()
+            rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
+            unique_rows, inverse = np.unique(rows, return_inverse=True)
+            with h5py.File(file_path, "r") as handle:
+                block = handle[self.backbone_key][view]["features"][unique_rows]
+            out[[p for _, p in pairs]] = block[inverse]
+        return out
+
+    # -- writing -------------------------------------------------------------------------
+    def add(self, digests: list[str], features: np.ndarray, view: str = "original") -> None:
+        """Stores one batch durably as a new segment file (atomic: temp + rename)."""
+        if not digests:
+            return
+        features = np.asarray(features, np.float32)
+        if features.shape != (len(digests), self.feature_dim):
+            raise FeatureStoreError(f"features shape {features.shape} does not match {len(digests)} hashes")
+        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
+        final = self.segments_dir / name
+        _write_store_file(final, {(self.backbone_key, view): (list(digests), features)})
+        for row, digest in enumerate(digests):
+            self._where[(view, digest)] = (final, row)
+
+    def compact(self) -> None:
+        """Merges the segments into the main file (atomic) and removes them.
+
+        Groups of other backbones in the main file are kept as they are.
+        """
+        segments = sorted(p for p in self.segments_dir.glob("*.h5")) if self.segments_dir.is_dir() else []
+        if not segments and self.path.exists():
+            return
+        groups: dict[tuple[str, str], tuple[list[str], np.ndarray]] = {}
+        if self.path.exists():
+            with h5py.File(self.path, "r") as handle:
+                for key in handle:
+                    for view in handle[key]:
+                        groups[(key, view)] = (
+                            [h.decode() for h in handle[key][view]["hashes"][:]],
+                            handle[key][view]["features"][:],
+                        )
+        for view in VIEWS:
+            digests = sorted(d for v, d in self._where if v == view)
+            if digests:
+                groups[(self.backbone_key, view)] = (digests, self.get(digests, view))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_store_file(self.path, groups)
+        for segment in segments:
+            segment.unlink(missing_ok=True)
+        for leftover in self.segments_dir.glob(".*.tmp") if self.segments_dir.is_dir() else []:
+            leftover.unlink(missing_ok=True)  # temp files of a killed run
+        self._scan()
+
+
+def _write_store_file(final: Path, groups: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
+    """Writes an HDF5 store file to a temp name, fsyncs it, then renames it into place."""
+    temp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with h5py.File(temp, "w") as handle:
+            handle.attrs["format_version"] = STORE_FORMAT_VERSION
+            for (key, view), (digests, features) in groups.items():
+                group = handle.require_group(key).create_group(view)
+                group.create_dataset("hashes", data=np.array([d.encode() for d in digests], dtype="S64"))
+                group.create_dataset("features", data=np.asarray(features, np.float32))
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+@dataclass
+class ExtractionResult:
+    """Features of the rows that could be read, in catalog order.
+
+    Attributes:
+        rows: the rows that have features.
+        hashes: their image sha256s.
+        features: (n, d) float32 features of the original images.
+        flipped: (n, d) float32 features of the mirrored images, or None.
+        bad_rows: rows whose image could not be read, with reasons.
+        extracted: how many images went through the backbone in this run (0 = all cached).
+    """
+
+    rows: list[CatalogRow]
+    hashes: list[str]
+    features: np.ndarray
+    flipped: np.ndarray | None
+    bad_rows: list[BadRow]
+    extracted: int
+
+
+def hash_rows(rows: list[CatalogRow]) -> tuple[list[CatalogRow], list[str], list[BadRow]]:
+    """Reads every row's image bytes once to get its sha256 (cheap next to decoding)."""
+    good, hashes, bad = [], [], []
+    for row in rows:
+        try:
+            hashes.append(read_image_bytes(row.path).sha256)
+            good.append(row)
+        except InvalidImageError as error:
+            bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(error)))
+    return good, hashes, bad
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def extract_features(
+    rows: list[CatalogRow],
+    backbone,
+    store: FeatureStore | None = None,
+    *,
+    flips: bool = False,
+    batch_size: int = 32,
+    decode_workers: int = 2,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[int], None] | None = None,
+) -> ExtractionResult:
+    """Gets backbone features for catalog rows, extracting only what the store lacks.
+
+    Images are decoded by a thread pool one batch ahead of the backbone (Pillow and
+    TensorFlow both release the GIL), so decoding hides behind compute.
+
+    Args:
+        rows: catalog rows.
+        backbone: a ``backbones.Backbone``.
+        store: feature cache; None extracts everything and stores nothing.
+        flips: also compute features of the mirrored images (training augmentation and
+            flip-averaged embeddings).
+        batch_size: images per forward pass (and per store segment).
+        decode_workers: decoding threads.
+        max_pixels: decompression-bomb limit per image.
+        progress: called with the number of images finished after each batch.
+
+    Returns:
+        The features of every readable row; unreadable rows are in ``bad_rows``.
+    """
+    rows, hashes, bad_rows = hash_rows(rows)
+    views = ["original", "flipped"] if flips else ["original"]
+    todo = [
+        (row, digest)
+        for row, digest in zip(rows, hashes)
+        if store is None or not all(store.contains(digest, v) for v in views)
+    ]
+    fresh: dict[str, dict[str, np.ndarray]] = {view: {} for view in views}
+    failed: set[str] = set()
+    size = backbone.input_size
+
+    def decode(item):
+        row, _ = item
+        try:
+            return load_image(row.path, size, max_pixels=max_pixels)
+        except InvalidImageError as error:
+            return error
+
+    if progress and len(todo) < len(rows):
+        progress(len(rows) - len(todo))
+    extracted = 0
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        batches = list(_batches(todo, batch_size))
+        pending = pool.map(decode, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            decoded = list(pending)
+            if index + 1 < len(batches):  # decode the next batch while this one runs
+                pending = pool.map(decode, batches[index + 1])
+            images, digests = [], []
+            for (row, digest), image in zip(batch, decoded):
+                if isinstance(image, InvalidImageError):
+                    bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(image)))
+                    failed.add(row.id)
+                else:
+                    images.append(image)
+                    digests.append(digest)
+            if images:
+                stacked = np.stack(images)
+                for view in views:
+                    batch_input = stacked if view == "original" else stacked[:, :, ::-1]
+                    features = backbone.extract(batch_input)
+                    if store is not None:
+                        store.add(digests, features, view)
+                    fresh[view].update(zip(digests, features))
+                extracted += len(images)
+            if progress:
+                progress(len(batch))
+    keep = [(row, digest) for row, digest in zip(rows, hashes) if row.id not in failed]
+    out_rows = [row for row, _ in keep]
+    out_hashes = [digest for _, digest in keep]
+    matrices = {}
+    for view in views:
+        matrix = np.empty((len(keep), backbone.feature_dim), np.float32)
+        cached_positions = [i for i, digest in enumerate(out_hashes) if digest not in fresh[view]]
+        if cached_positions:
+            matrix[cached_positions] = store.get([out_hashes[i] for i in cached_positions], view)
+        for i, digest in enumerate(out_hashes):
+            if digest in fresh[view]:
+                matrix[i] = fresh[view][digest]
+        matrices[view] = matrix
+    if store is not None and extracted:
+        store.compact()
+    return ExtractionResult(
+        rows=out_rows,
+        hashes=out_hashes,
+        features=matrices["original"],
+        flipped=matrices.get("flipped"),
+        bad_rows=bad_rows,
+        extracted=extracted,
+    )

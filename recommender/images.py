@@ -1,0 +1,193 @@
+"""The one image preprocessing function shared by build, query and the web app.
+
+Every image, whatever its source, goes through :func:`load_image`: decode with Pillow, apply
+the EXIF orientation, convert any mode to RGB uint8 (alpha composited on white), then fit it
+into a ``size x size`` square *without cropping*: the longer side is scaled to ``size`` and
+the shorter side is padded with white, centred ("letterbox"). Product photos are usually
+shot on white; padding keeps the whole garment (a crop would cut off sleeves and shoe tips),
+and white padding looks like the background the backbone already sees.
+
+Skew between training, indexing and serving is the bug we fear most, so nothing else in the
+project decodes or resizes images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from recommender.errors import InvalidImageError
+
+# A truncated file must be an error, not a silently grey-padded picture.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+#: Default pixel limit (width x height) above which an image is refused as a decompression bomb.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Fill colour for padding and for compositing transparent pixels.
+BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """Raw encoded bytes of one image plus their content hash.
+
+    Attributes:
+        data: the encoded file content.
+        sha256: hex sha256 of ``data``; the key of the feature store and of self-exclusion.
+    """
+
+    data: bytes
+    sha256: str
+
+
+def content_hash(data: bytes) -> str:
+    """Returns the hex sha256 of encoded image bytes (the identity of a photo)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_image_bytes(source: ImageSource) -> ImageBytes:
+    """Reads encoded image bytes from a path, a bytes object or a binary file object.
+
+    Raises:
+        InvalidImageError: the file does not exist, cannot be read, or is empty.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InvalidImageError(f"{path}: file not found") from None
+        except IsADirectoryError:
+            raise InvalidImageError(f"{path}: is a directory, not an image file") from None
+        except OSError as error:
+            raise InvalidImageError(f"{path}: cannot read file ({error.strerror})") from None
+    else:
+        data = source.read()
+    if not data:
+        raise InvalidImageError("empty file (0 bytes)")
+    return ImageBytes(data=data, sha256=content_hash(data))
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Decodes encoded bytes into an upright RGB Pillow image.
+
+    Args:
+        data: encoded image bytes (any format Pillow reads).
+        max_pixels: refuse images with more than this many pixels (decompression bombs).
+        draft_size: if given, let JPEG decode at a reduced scale no smaller than this
+            (much faster for large photos; the result is still resized afterwards).
+
+    Returns:
+        An RGB image with EXIF orientation applied and alpha composited on white.
+
+    Raises:
+        InvalidImageError: empty, not an image, truncated, or too many pixels.
+    """
+    if not data:
+        raise InvalidImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below gives the clear error; Pillow's warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidImageError(
+                    f"image too large: {width}x{height} = {width * height:,} pixels (limit {max_pixels:,})"
+                )
+            if width == 0 or height == 0:
+                raise InvalidImageError(f"image has no pixels ({width}x{height})")
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except InvalidImageError:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImageError("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as error:
+        raise InvalidImageError(f"image too large ({error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
+        # SyntaxError (broken PNG chunks) or ValueError.
+        raise InvalidImageError(f"corrupt or truncated image ({error})") from None
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any Pillow mode to 8-bit RGB; transparent pixels become white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit greyscale: Pillow's convert("L") clips instead of scaling.
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_square(image: Image.Image, size: int) -> np.ndarray:
+    """Scales the longer side to ``size`` and pads the shorter with white, centred.
+
+    Returns:
+        (size, size, 3) uint8 array.
+    """
+    width, height = image.size
+    scale = size / max(width, height)
+    new_width = max(1, round(width * scale))
+    new_height = max(1, round(height * scale))
+    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new("RGB", (size, size), BACKGROUND)
+    canvas.paste(resized, ((size - new_width) // 2, (size - new_height) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Loads one image for the backbone: decode, orient, RGB, letterbox to ``size``.
+
+    Args:
+        source: a path, encoded bytes, or a binary file object.
+        size: side of the square the backbone takes (e.g. 224).
+        max_pixels: decompression-bomb guard, in pixels.
+
+    Returns:
+        (size, size, 3) uint8 RGB array.
+
+    Raises:
+        InvalidImageError: missing, empty, truncated, not an image, or too many pixels.
+    """
+    raw = source if isinstance(source, ImageBytes) else read_image_bytes(source)
+    return fit_square(decode_image(raw.data, max_pixels=max_pixels, draft_size=size), size)
+
+
+def load_image_with_hash(
+    source: ImageSource | ImageBytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, str]:
+    """Like :func:`load_image`, also returning the sha256 of the encoded bytes.
+
+    Returns:
+        ``((size, size, 3) uint8 array, hex sha256)``.
+    """
+    raw = source if isinstance(source, ImageBytes) else read_image_bytes(source)
+    return load_image(raw, size, max_pixels=max_pixels), raw.sha256

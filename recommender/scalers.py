@@ -1,0 +1,38 @@
+"""scikit-learn StandardScaler fitting and its pickle-free (npz) persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.preprocessing import StandardScaler
+
+
+def fit_scaler(values: np.ndarray) -> StandardScaler:
+    """Fits a StandardScaler on (n, d) values; constant columns get scale 1 (sklearn's rule)."""
+    return StandardScaler().fit(np.asarray(values, np.float64))
+
+
+def scaler_arrays(scaler: StandardScaler, prefix: str) -> dict[str, np.ndarray]:
+    """The arrays that define a fitted scaler, keyed ``<prefix>_mean`` etc. (for an npz)."""
+    return {
+        f"{prefix}_mean": np.asarray(scaler.mean_, np.float64),
+        f"{prefix}_scale": np.asarray(scaler.scale_, np.float64),
+        f"{prefix}_var": np.asarray(scaler.var_, np.float64),
+        f"{prefix}_n_samples_seen": np.asarray(scaler.n_samples_seen_, np.int64),
+    }
+
+
+def scaler_from_arrays(arrays, prefix: str) -> StandardScaler:
+    """Rebuilds a fitted StandardScaler from :func:`scaler_arrays` output (or a loaded npz)."""
+    scaler = StandardScaler()
+    scaler.mean_ = np.asarray(arrays[f"{prefix}_mean"], np.float64)
+    scaler.scale_ = np.asarray(arrays[f"{prefix}_scale"], np.float64)
+    scaler.var_ = np.asarray(arrays[f"{prefix}_var"], np.float64)
+    scaler.n_samples_seen_ = np.asarray(arrays[f"{prefix}_n_samples_seen"]).item()
+    scaler.n_features_in_ = scaler.mean_.shape[0]
+    return scaler
+
+
+def transform(scaler: StandardScaler, values: np.ndarray) -> np.ndarray:
+    """Standardizes (n, d) values; returns (n, d) float32 (the dtype FAISS and Keras take)."""
+    values = np.asarray(values, np.float32)
+    return ((values - scaler.mean_.astype(np.float32)) / scaler.scale_.astype(np.float32)).astype(np.float32)
