@@ -147,26 +147,28 @@ class FeatureStore:
             self._where[(view, digest)] = (final, row)
 
     def compact(self) -> None:
-        """Merges the segments into the main file (atomic) and removes them.
+        """Merges every segment into the main file (atomic) and removes the segments.
 
-        Groups of other backbones in the main file are kept as they are.
+        All groups are merged, not only this backbone's: segments of another backbone's
+        interrupted run must not be lost.
         """
         segments = sorted(p for p in self.segments_dir.glob("*.h5")) if self.segments_dir.is_dir() else []
         if not segments and self.path.exists():
             return
-        groups: dict[tuple[str, str], tuple[list[str], np.ndarray]] = {}
-        if self.path.exists():
-            with h5py.File(self.path, "r") as handle:
+        # (key, view) -> {hash: features}; later files (newer segments) win.
+        merged: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        for file_path in ([self.path] if self.path.exists() else []) + segments:
+            with h5py.File(file_path, "r") as handle:
                 for key in handle:
                     for view in handle[key]:
-                        groups[(key, view)] = (
-                            [h.decode() for h in handle[key][view]["hashes"][:]],
-                            handle[key][view]["features"][:],
-                        )
-        for view in VIEWS:
-            digests = sorted(d for v, d in self._where if v == view)
-            if digests:
-                groups[(self.backbone_key, view)] = (digests, self.get(digests, view))
+                        group = handle[key][view]
+                        entries = merged.setdefault((key, view), {})
+                        entries.update(zip((h.decode() for h in group["hashes"][:]), group["features"][:]))
+        groups = {
+            name: (sorted(entries), np.stack([entries[h] for h in sorted(entries)]))
+            for name, entries in merged.items()
+            if entries
+        }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _write_store_file(self.path, groups)
         for segment in segments:

@@ -1,0 +1,183 @@
+"""Shared fixtures: generated catalogs, bad images, and one tiny bundle built once per session.
+
+The tiny bundle uses the real pipeline end to end with a small real backbone: ResNet50 with
+random-init weights (``--weights none``) at 64 px, on generated patterned T-shirts that such
+features can tell apart.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CLOTHING = SHARED / "datasets" / "clothing-small"
+MOBILENET = SHARED / "models" / "mobilenet_v1_1.0_224_quant_embedding_extractor.tflite"
+
+TINY_SIZE = 64
+TINY_PATTERNS = ("plain", "stripes", "dots", "checks")
+TINY_COLOURS = ("red", "blue", "black")
+TINY_PER_CLASS = 8
+
+
+def tiny_build_config(feature_store: Path):
+    """Build settings of the session's tiny bundle (small, fast, real pipeline)."""
+    from recommender.backbones import BackboneSpec
+    from recommender.classifier import TrainConfig
+    from recommender.config import BuildConfig
+
+    return replace(
+        BuildConfig(),
+        id_column="id",
+        label_columns=("label", "colour"),
+        backbone=BackboneSpec(name="resnet50", weights="none", input_size=TINY_SIZE, seed=0),
+        train=TrainConfig(max_epochs=30, patience=5, dropout=0.5, learning_rate=1e-3),
+        feature_store=feature_store,
+    )
+
+
+@pytest.fixture(scope="session")
+def generated_catalog(tmp_path_factory) -> Path:
+    """A generated catalog: 4 patterns x 3 colours x 8 images, 64 px JPEGs; returns catalog.csv."""
+    from recommender.synthetic import generate_catalog
+
+    folder = tmp_path_factory.mktemp("catalog")
+    return generate_catalog(folder, per_class=TINY_PER_CLASS, patterns=TINY_PATTERNS, colours=TINY_COLOURS, size=TINY_SIZE, seed=1)
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory) -> Path:
+    """The feature store shared by the session's builds."""
+    return tmp_path_factory.mktemp("store") / "features.h5"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(session_store):
+    """Build settings of the tiny bundle."""
+    return tiny_build_config(session_store)
+
+
+@pytest.fixture(scope="session")
+def tiny_build(generated_catalog, tiny_config, tmp_path_factory):
+    """Builds the session's tiny bundle once; returns ``(bundle path, BuildReport)``."""
+    from indexer.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    report = build_bundle(generated_catalog, out, tiny_config)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_build) -> Path:
+    """Path of the session's tiny bundle (do not modify it: copy it first)."""
+    return tiny_build[0]
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_bundle):
+    """The tiny bundle loaded once as a query engine."""
+    from recommender.engine import load_bundle
+
+    return load_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(engine):
+    """The session bundle's backbone (random-init ResNet50 at 64 px)."""
+    return engine.backbone
+
+
+# -- images, good and bad ------------------------------------------------------------------
+
+
+def _png_with_huge_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def _jpeg_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, **options)
+    return buffer.getvalue()
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_files(tmp_path_factory) -> dict[str, Path]:
+    """Good images of every awkward kind plus bad files; name -> path.
+
+    Good: ``rgb_jpeg``, ``cmyk_jpeg``, ``rgba_png`` (left half transparent), ``la_png``,
+    ``palette_png`` (left half the transparent index, right half green), ``grey16_png`` (16-bit), ``exif_rotated``
+    (stored 40x20 with orientation 6: upright it is 20x40, red on top), ``webp``, ``tiny``.
+    Bad: ``zero_bytes``, ``truncated_jpeg``, ``text_file``, ``huge_png`` (header claims
+    100,000 x 100,000 pixels), ``garbage``.
+    """
+    folder = tmp_path_factory.mktemp("images")
+    files: dict[str, bytes] = {}
+    rgb = Image.new("RGB", (80, 60), (30, 120, 200))
+    files["rgb_jpeg"] = _jpeg_bytes(rgb)
+    files["cmyk_jpeg"] = _jpeg_bytes(Image.new("CMYK", (50, 50), (0, 255, 255, 0)))  # pure red in CMYK
+    rgba = Image.new("RGBA", (40, 40), (0, 0, 255, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 20, 40))
+    files["rgba_png"] = _png_bytes(rgba)
+    files["la_png"] = _png_bytes(Image.new("LA", (30, 30), (0, 0)))  # fully transparent black
+    palette = Image.new("P", (30, 30), 1)
+    palette.paste(0, (0, 0, 15, 30))  # left half: the transparent index
+    palette.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", transparency=0)
+    files["palette_png"] = buffer.getvalue()
+    grey16 = Image.fromarray(np.full((20, 20), 65535 // 2, dtype=np.uint16))
+    files["grey16_png"] = _png_bytes(grey16)
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # left half red: after rotating 90 deg clockwise it is the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["exif_rotated"] = _jpeg_bytes(stored, exif=exif.tobytes())
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(buffer, format="WEBP")
+    files["webp"] = buffer.getvalue()
+    files["tiny"] = _png_bytes(Image.new("RGB", (1, 1), (10, 20, 30)))
+    files["zero_bytes"] = b""
+    files["truncated_jpeg"] = _jpeg_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:400]
+    files["text_file"] = b"id,file,label\n1,a.jpg,shirt\n"
+    files["huge_png"] = _png_with_huge_header(100_000, 100_000)
+    files["garbage"] = bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8))
+    suffix = {"webp": ".webp", "text_file": ".txt", "garbage": ".bin"}
+    paths = {}
+    for name, data in files.items():
+        path = folder / f"{name}{suffix.get(name, '.png' if 'png' in name else '.jpg')}"
+        path.write_bytes(data)
+        paths[name] = path
+    return paths
+
+
+GOOD_IMAGES = ("rgb_jpeg", "cmyk_jpeg", "rgba_png", "la_png", "palette_png", "grey16_png", "exif_rotated", "webp", "tiny")
+BAD_IMAGES = ("zero_bytes", "truncated_jpeg", "text_file", "huge_png", "garbage")
+
+
+def skip_without_shared():
+    """Skips a real-data test when ../shared (datasets and models) is absent."""
+    if not CLOTHING.is_dir() or not MOBILENET.is_file():
+        pytest.skip(f"real-data test needs {CLOTHING} and {MOBILENET} (the ../shared folder)")

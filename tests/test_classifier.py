@@ -1,0 +1,52 @@
+"""Classifier training: stratified split rules, multi-head model layout, seeded reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recommender.classifier import EMBEDDING_LAYER, TrainConfig, build_model, stratified_split, train_classifier
+from recommender.errors import TrainingError
+
+
+def blobs(n_per_class=30, classes=3, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * 4
+    labels = np.repeat(np.arange(classes), n_per_class)
+    features = (centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32)
+    return features, [f"class-{i}" for i in labels]
+
+
+def test_model_layout():
+    model, training_model = build_model(2048, [10, 4], TrainConfig())
+    layer = model.get_layer(EMBEDDING_LAYER)
+    assert layer.units == 512 and layer.activation.__name__ == "relu"
+    assert model.get_layer("hidden").units == 1024
+    assert set(model.output) == {"embedding", "head_0", "head_1"}
+    assert set(training_model.output) == {"head_0", "head_1"}
+
+
+def test_split_is_stratified_and_refuses_tiny_classes():
+    labels = ["a"] * 20 + ["b"] * 10
+    train, validation = stratified_split(labels, 0.2, seed=0)
+    assert len(set(train) | set(validation)) == 30 and not set(train) & set(validation)
+    assert sorted(labels[i] for i in validation) == ["a"] * 4 + ["b"] * 2
+    with pytest.raises(TrainingError, match="fewer than 2 examples.*'c'"):
+        stratified_split(labels + ["c"], 0.2, seed=0)
+    with pytest.raises(TrainingError, match="at least 2 classes"):
+        stratified_split(["a"] * 5, 0.2, seed=0)
+
+
+def test_training_learns_and_is_reproducible():
+    features, labels = blobs()
+    colour = ["warm" if int(x.split("-")[1]) % 2 else "cold" for x in labels]
+    config = TrainConfig(max_epochs=8, hidden_units=64, embedding_units=32, dropout=0.2, learning_rate=3e-3)
+    first = train_classifier(features, {"kind": labels, "tone": colour}, config)
+    second = train_classifier(features, {"kind": labels, "tone": colour}, config)
+    assert first.metrics["heads"]["kind"]["validation_accuracy"] >= 0.9
+    assert first.classes == [["class-0", "class-1", "class-2"], ["cold", "warm"]]
+    for a, b in zip(first.model.get_weights(), second.model.get_weights()):
+        assert np.array_equal(a, b)
+    assert first.history["val_loss"] == second.history["val_loss"]
+    other_seed = train_classifier(features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1}))
+    assert not np.array_equal(first.model.get_weights()[0], other_seed.model.get_weights()[0])

@@ -1,0 +1,101 @@
+"""The command line: JSON lines, exit codes 0/1/2, one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recommender.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "recommender", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_query_prints_one_json_object_per_image(tiny_bundle, engine, capsys):
+    paths = [engine.rows[0]["path"], engine.rows[40]["path"]]
+    assert main(["query", "--bundle", str(tiny_bundle), "--k", "4", *paths]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, path in zip(lines, paths):
+        answer = json.loads(line)
+        assert answer["image"] == path
+        assert set(answer["predicted"]) == {"label", "colour"}
+        assert set(answer["predicted"]["label"]) == {"label", "probability"}
+        assert len(answer["neighbors"]) == 4
+        assert all(set(n) == {"id", "distance", "labels", "image"} for n in answer["neighbors"])
+        assert engine.item(answer["neighbors"][0]["id"])  # neighbours are catalog ids
+
+
+def test_query_with_a_bad_image_reports_it_and_exits_1(tiny_bundle, engine, image_files, capsys):
+    code = main(["query", "--bundle", str(tiny_bundle), str(image_files["truncated_jpeg"]), engine.rows[0]["path"]])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert len(captured.out.strip().splitlines()) == 1  # the good image is still answered
+    assert "truncated_jpeg.jpg: corrupt or truncated image" in captured.err
+
+
+def test_usage_errors_exit_2(tiny_bundle, capsys):
+    for argv in (["query"], ["nonsense"], ["query", "--bundle", str(tiny_bundle), "--k", "0", "x.jpg"], ["build", "--catalog", "x.csv"]):
+        with pytest.raises(SystemExit) as caught:
+            code = main(argv)
+            raise SystemExit(code)
+        assert caught.value.code == 2, argv
+
+
+def test_data_errors_exit_1_with_one_line(tmp_path, capsys):
+    assert main(["build", "--catalog", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "b")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: catalog not found: {tmp_path / 'missing.csv'}"
+    assert main(["query", "--bundle", str(tmp_path), "x.jpg"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_subprocess_errors_have_no_traceback(tmp_path, generated_catalog):
+    result = run_cli("build", "--catalog", generated_catalog, "--out", tmp_path / "b", "--label-column", "nope")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "missing column(s) nope" in result.stderr
+
+
+def test_subprocess_build_then_query(tmp_path, generated_catalog, session_store):
+    out = tmp_path / "bundle"
+    build = run_cli(
+        "build", "--catalog", generated_catalog, "--out", out, "--id-column", "id", "--label-column", "label",
+        "--weights", "none", "--image-size", "64", "--feature-store", session_store, "--epochs", "5", "--no-flips",
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    summary = json.loads(build.stdout.strip().splitlines()[-1])
+    assert summary["items"] == 96 and summary["bundle"] == str(out)
+    image = generated_catalog.parent / "images" / "dots-red-000.jpg"
+    query = run_cli("query", "--bundle", out, image)
+    assert query.returncode == 0, query.stderr
+    answer = json.loads(query.stdout)
+    assert "dots-red-000" not in [n["id"] for n in answer["neighbors"]] and len(answer["neighbors"]) == 6
+
+
+def test_build_from_fashion_mnist_idx_files(tmp_path, session_store, capsys):
+    import numpy as np
+    from test_fashion_mnist import write_idx_dir
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train": (rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), (np.arange(40) % 10).astype(np.uint8)),
+        "test": (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8)),
+    }
+    idx = write_idx_dir(tmp_path / "idx", arrays, gzipped=True)
+    argv = ["build", "--catalog", f"fashion-mnist:{idx}", "--out", str(tmp_path / "b"), "--split", "train", "--weights", "none"]
+    argv += ["--image-size", "32", "--feature-store", str(session_store), "--epochs", "2", "--no-flips"]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["items"] == 40
+    labels = json.loads((tmp_path / "b" / "labels.json").read_text())
+    assert labels["classes"][0] == sorted(["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])
+    assert (idx / "catalog" / "catalog.csv").is_file()
