@@ -1,8 +1,8 @@
 """Build a bundle from a catalog: read -> features -> train -> embed -> index -> write.
 
-    catalog rows -> load_image (uint8) -> backbone (n, d) float32, cached in the feature store
-      -> classifier trained on the catalog -> (n, 512) embeddings -> StandardScaler
-      -> FAISS index -> bundle folder (atomic)
+catalog rows -> load_image (uint8) -> backbone (n, d) float32, cached in the feature store
+  -> classifier trained on the catalog -> (n, 512) embeddings -> StandardScaler
+  -> FAISS index -> bundle folder (atomic)
 """
 
 from __future__ import annotations
@@ -153,12 +153,23 @@ def build_bundle(
 
     def fill(folder: Path) -> dict:
         trained.model.save(folder / "model.keras")
-        np.savez(folder / "scalers.npz", **scaler_arrays(trained.input_scaler, "input"), **scaler_arrays(embedding_scaler, "embedding"))
+        np.savez(
+            folder / "scalers.npz",
+            **scaler_arrays(trained.input_scaler, "input"),
+            **scaler_arrays(embedding_scaler, "embedding"),
+        )
         write_json(folder / "labels.json", {"columns": trained.label_columns, "classes": trained.classes})
         index.save(folder / "index.faiss")
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
             for row, digest in zip(extraction.rows, extraction.hashes):
-                record = {"id": row.id, "image": row.image, "path": str(row.path.resolve()), "sha256": digest, "labels": row.labels, "extra": row.extra}
+                record = {
+                    "id": row.id,
+                    "image": row.image,
+                    "path": str(row.path.resolve()),
+                    "sha256": digest,
+                    "labels": row.labels,
+                    "extra": row.extra,
+                }
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         write_json(folder / "history.json", trained.history)
         if config.backbone.weights == "none":

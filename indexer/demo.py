@@ -51,13 +51,12 @@ def run_demo(weights: str = "imagenet", folder: Path | None = None, rebuild: boo
     Returns:
         Exit code 0.
     """
+    import numpy as np
+
     from indexer.build import build_bundle
     from recommender.backbones import load_backbone
     from recommender.engine import load_bundle
-    from recommender.synthetic import draw_product, generate_catalog
-    from recommender.synthetic import COLOURS
-
-    import numpy as np
+    from recommender.synthetic import COLOURS, draw_product, generate_catalog
 
     folder = Path(folder or default_demo_folder())
     catalog_csv = folder / "catalog" / "catalog.csv"
@@ -74,7 +73,13 @@ def run_demo(weights: str = "imagenet", folder: Path | None = None, rebuild: boo
             _say("The demo continues with a RANDOM-INIT ResNet50 (--weights none); the bundle records it.")
             spec = replace(spec, weights="none")
 
-    bundle = folder / ("bundle-imagenet" if spec.weights == "imagenet" else "bundle-random-init" if spec.weights == "none" else "bundle-file")
+    bundle = folder / (
+        "bundle-imagenet"
+        if spec.weights == "imagenet"
+        else "bundle-random-init"
+        if spec.weights == "none"
+        else "bundle-file"
+    )
     reuse = False
     if bundle.exists() and not rebuild:
         try:
@@ -108,7 +113,7 @@ def run_demo(weights: str = "imagenet", folder: Path | None = None, rebuild: boo
 
     recommender = load_bundle(bundle)
     _say("")
-    for (pattern, colour), path in zip(DEMO_QUERIES, paths):
+    for (pattern, _colour), path in zip(DEMO_QUERIES, paths):
         answer = recommender.query(path, k=6, name=str(path))
         print(json.dumps(answer, ensure_ascii=False))
         predicted = answer["predicted"]

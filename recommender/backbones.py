@@ -124,7 +124,9 @@ class KerasResNet50(Backbone):
         identity = {"kind": "resnet50", "input_size": spec.input_size, "feature_dim": 2048}
         if spec.weights == "imagenet":
             try:
-                model = keras.applications.ResNet50(include_top=False, pooling="avg", weights="imagenet", input_shape=shape)
+                model = keras.applications.ResNet50(
+                    include_top=False, pooling="avg", weights="imagenet", input_shape=shape
+                )
             except Exception as error:  # network errors come in many types (URLError, OSError, ...)
                 raise WeightsUnavailableError(
                     f"could not get the ImageNet weights for ResNet50 ({type(error).__name__}: {error}); "
@@ -151,7 +153,9 @@ class KerasResNet50(Backbone):
             if not path.is_file():
                 raise WeightsUnavailableError(f"weights file not found: {path}")
             try:
-                model = keras.applications.ResNet50(include_top=False, pooling="avg", weights=str(path), input_shape=shape)
+                model = keras.applications.ResNet50(
+                    include_top=False, pooling="avg", weights=str(path), input_shape=shape
+                )
             except Exception as error:
                 raise WeightsUnavailableError(
                     f"cannot load ResNet50 weights from {path} ({type(error).__name__}: {error}); "

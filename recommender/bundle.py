@@ -42,7 +42,17 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("recommender", "tensorflow", "keras", "faiss-cpu", "faiss-gpu-cu12", "numpy", "scikit-learn", "h5py", "pillow"):
+    for name in (
+        "recommender",
+        "tensorflow",
+        "keras",
+        "faiss-cpu",
+        "faiss-gpu-cu12",
+        "numpy",
+        "scikit-learn",
+        "h5py",
+        "pillow",
+    ):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -52,7 +62,7 @@ def library_versions() -> dict[str, str]:
 
 def new_bundle_id() -> str:
     """A sortable unique id: UTC time plus a random suffix, e.g. ``20261122T073000Z-1a2b3c``."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def write_json(path: Path, payload) -> None:
@@ -155,7 +165,9 @@ def verify_bundle(bundle: str | os.PathLike) -> dict:
             raise BundleError(f"{bundle}: file {name} is missing")
         size = path.stat().st_size
         if size != expected["bytes"]:
-            raise BundleError(f"{bundle}: file {name} has {size} bytes, the manifest says {expected['bytes']} (truncated or changed)")
+            raise BundleError(
+                f"{bundle}: file {name} has {size} bytes, the manifest says {expected['bytes']} (truncated or changed)"
+            )
         if file_sha256(path) != expected["sha256"]:
             raise BundleError(f"{bundle}: file {name} does not match its sha256 in the manifest (changed or corrupt)")
     extra = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)

@@ -145,10 +145,14 @@ def _read_folder(folder: Path, label_column: str) -> Catalog:
         for image_path in sorted(class_dir.rglob("*")):
             if image_path.is_file() and image_path.suffix.lower() in IMAGE_SUFFIXES:
                 relative = image_path.relative_to(folder).as_posix()
-                rows.append(CatalogRow(id=relative, image=relative, path=image_path, labels={label_column: class_dir.name}))
+                rows.append(
+                    CatalogRow(id=relative, image=relative, path=image_path, labels={label_column: class_dir.name})
+                )
     if not rows:
         raise CatalogError(f"{folder}: no image files in its class folders")
-    return Catalog(rows=rows, bad_rows=[], label_columns=[label_column], root=folder, source=str(folder), total=len(rows))
+    return Catalog(
+        rows=rows, bad_rows=[], label_columns=[label_column], root=folder, source=str(folder), total=len(rows)
+    )
 
 
 def _read_csv(
@@ -169,7 +173,9 @@ def _read_csv(
             header = reader.fieldnames
             if not header:
                 raise CatalogError(f"{path}: empty file, expected a CSV header line")
-            needed = [image_column, *label_columns] + ([id_column] if id_column else []) + ([split_column] if splits else [])
+            needed = (
+                [image_column, *label_columns] + ([id_column] if id_column else []) + ([split_column] if splits else [])
+            )
             missing = [column for column in needed if column not in header]
             if missing:
                 raise CatalogError(
@@ -183,7 +189,9 @@ def _read_csv(
             raise CatalogError(f"{path}: malformed CSV ({error})") from None
     if splits:
         wanted = set(splits)
-        records = [(line, r) for line, r in enumerate(records, start=2) if (r.get(split_column) or "").strip() in wanted]
+        records = [
+            (line, r) for line, r in enumerate(records, start=2) if (r.get(split_column) or "").strip() in wanted
+        ]
     else:
         records = list(enumerate(records, start=2))
     if not records:
@@ -217,9 +225,15 @@ def _read_csv(
             continue
         seen_ids[row_id] = line
         labels = {c: record[c].strip() for c in label_columns}
-        extra = {k: (v or "") for k, v in record.items() if k not in labels and k not in (image_column, id_column) and k is not None}
+        extra = {
+            k: (v or "")
+            for k, v in record.items()
+            if k not in labels and k not in (image_column, id_column) and k is not None
+        }
         rows.append(CatalogRow(id=row_id, image=image, path=image_path, labels=labels, extra=extra, line=line))
-    return Catalog(rows=rows, bad_rows=bad, label_columns=label_columns, root=root, source=str(path), total=len(records))
+    return Catalog(
+        rows=rows, bad_rows=bad, label_columns=label_columns, root=root, source=str(path), total=len(records)
+    )
 
 
 def describe_bad_rows(bad_rows: list[BadRow], limit: int = MAX_LISTED_BAD_ROWS) -> str:

@@ -188,7 +188,9 @@ def train_classifier(
 
     sample_weight = None
     if config.balance_classes:
-        sample_weight = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, train_targets)}
+        sample_weight = {
+            h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, train_targets)
+        }
     validation_targets = [codes[validation_index] for codes in encoded]
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
     fit = training_model.fit(

@@ -28,20 +28,67 @@ def _add_build_flags(parser: argparse.ArgumentParser) -> None:
     from recommender.config import BuildConfig
 
     defaults = BuildConfig()
-    parser.add_argument("--image-column", default=defaults.image_column, help="CSV column with image paths, relative to the CSV's folder (default: %(default)s)")
-    parser.add_argument("--id-column", default=None, help="CSV column with product ids (default: the image path is the id)")
-    parser.add_argument("--label-column", action="append", dest="label_columns", metavar="COLUMN", help="label column, repeatable: one head each; the first is the primary class (default: label)")
-    parser.add_argument("--split", action="append", dest="splits", metavar="NAME", help="keep only rows of this split (repeatable), read from --split-column")
-    parser.add_argument("--split-column", default=defaults.split_column, help="CSV column naming each row's split (default: %(default)s)")
+    parser.add_argument(
+        "--image-column",
+        default=defaults.image_column,
+        help="CSV column with image paths, relative to the CSV's folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--id-column", default=None, help="CSV column with product ids (default: the image path is the id)"
+    )
+    parser.add_argument(
+        "--label-column",
+        action="append",
+        dest="label_columns",
+        metavar="COLUMN",
+        help="label column, repeatable: one head each; the first is the primary class (default: label)",
+    )
+    parser.add_argument(
+        "--split",
+        action="append",
+        dest="splits",
+        metavar="NAME",
+        help="keep only rows of this split (repeatable), read from --split-column",
+    )
+    parser.add_argument(
+        "--split-column",
+        default=defaults.split_column,
+        help="CSV column naming each row's split (default: %(default)s)",
+    )
     parser.add_argument("--backbone", default=defaults.backbone.name, help="resnet50 (default) or tflite:PATH")
-    parser.add_argument("--weights", default=defaults.backbone.weights, help="resnet50 weights: imagenet (default, Keras download/cache), none (random init), or a weights file PATH")
+    parser.add_argument(
+        "--weights",
+        default=defaults.backbone.weights,
+        help="resnet50 weights: imagenet (default, Keras download/cache), none (random init), or a weights file PATH",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="resnet50 input size in pixels (default 224)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, training and random init (default: 0)")
-    parser.add_argument("--max-bad-fraction", type=float, default=defaults.max_bad_fraction, help="fail when more than this share of rows is bad (default: %(default)s)")
-    parser.add_argument("--feature-store", type=Path, default=None, help="HDF5 feature cache (default: $RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)")
-    parser.add_argument("--index", choices=("auto", "flat", "hnsw"), default=defaults.index_kind, help="FAISS index kind (default: auto = exact below 100,000 items)")
-    parser.add_argument("--no-flips", action="store_true", help="do not use mirrored images (no flip augmentation, no flip-averaged embeddings)")
-    parser.add_argument("--epochs", type=int, default=None, help="maximum training epochs (early stopping usually ends sooner)")
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=defaults.max_bad_fraction,
+        help="fail when more than this share of rows is bad (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--feature-store",
+        type=Path,
+        default=None,
+        help="HDF5 feature cache (default: $RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)",
+    )
+    parser.add_argument(
+        "--index",
+        choices=("auto", "flat", "hnsw"),
+        default=defaults.index_kind,
+        help="FAISS index kind (default: auto = exact below 100,000 items)",
+    )
+    parser.add_argument(
+        "--no-flips",
+        action="store_true",
+        help="do not use mirrored images (no flip augmentation, no flip-averaged embeddings)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="maximum training epochs (early stopping usually ends sooner)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
 
 
@@ -72,23 +119,44 @@ def build_config_from_args(args: argparse.Namespace):
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m recommender``."""
-    parser = argparse.ArgumentParser(prog="recommender", description="Visual similarity recommender: build a bundle from a catalog, then ask it about photos.")
+    parser = argparse.ArgumentParser(
+        prog="recommender",
+        description="Visual similarity recommender: build a bundle from a catalog, then ask it about photos.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (library logs at INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    build = commands.add_parser("build", help="build a bundle from a catalog", description="Read a catalog, extract features, train the classifier, index every item and write a bundle.")
-    build.add_argument("--catalog", required=True, help="catalog CSV, folder of class folders, or fashion-mnist[:IDX_DIR]")
+    build = commands.add_parser(
+        "build",
+        help="build a bundle from a catalog",
+        description="Read a catalog, extract features, train the classifier, index every item and write a bundle.",
+    )
+    build.add_argument(
+        "--catalog", required=True, help="catalog CSV, folder of class folders, or fashion-mnist[:IDX_DIR]"
+    )
     build.add_argument("--out", required=True, type=Path, help="bundle folder to create")
     _add_build_flags(build)
 
-    query = commands.add_parser("query", help="ask a bundle about images", description="Print one JSON object per image: predicted labels and the k nearest catalog items.")
+    query = commands.add_parser(
+        "query",
+        help="ask a bundle about images",
+        description="Print one JSON object per image: predicted labels and the k nearest catalog items.",
+    )
     query.add_argument("--bundle", required=True, type=Path, help="bundle folder")
     query.add_argument("--k", type=int, default=6, help="neighbours per image, 1..100 (default: 6)")
     query.add_argument("--include-self", action="store_true", help="keep a catalog item among its own neighbours")
     query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
 
-    demo = commands.add_parser("demo", help="build a demo bundle from generated images and query it", description="Generate a small catalog in data/demo, build a bundle, run example queries.")
-    demo.add_argument("--weights", default="imagenet", help="imagenet (default; random init is used, and said, when it cannot be had), none, or PATH")
+    demo = commands.add_parser(
+        "demo",
+        help="build a demo bundle from generated images and query it",
+        description="Generate a small catalog in data/demo, build a bundle, run example queries.",
+    )
+    demo.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet (default; random init is used, and said, when it cannot be had), none, or PATH",
+    )
     demo.add_argument("--folder", type=Path, default=None, help="demo folder (default: data/demo in the repository)")
     demo.add_argument("--rebuild", action="store_true", help="rebuild the demo bundle even if it exists")
     return parser
@@ -99,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     from recommender.errors import RecommenderError
 
     try:
@@ -153,14 +223,27 @@ def _run_build(args: argparse.Namespace) -> int:
 
         bad = [BadRow(**row) for row in report.bad_rows]
         print(f"{len(bad)} of {report.total_rows} rows left out:\n{describe_bad_rows(bad)}", file=sys.stderr)
-    heads = ", ".join(f"{column} {values['validation_accuracy']:.3f}" for column, values in report.metrics["heads"].items())
+    heads = ", ".join(
+        f"{column} {values['validation_accuracy']:.3f}" for column, values in report.metrics["heads"].items()
+    )
     print(
         f"built {report.bundle} (id {report.bundle_id}): {report.items} items, "
         f"{report.extracted} images through the backbone, {report.cached} from the feature store; "
         f"validation accuracy: {heads}; {report.seconds.get('total', 0):.1f} s",
         file=sys.stderr,
     )
-    print(json.dumps({"bundle": report.bundle, "bundle_id": report.bundle_id, "items": report.items, "bad_rows": len(report.bad_rows), "extracted": report.extracted, "metrics": report.metrics["heads"]}))
+    print(
+        json.dumps(
+            {
+                "bundle": report.bundle,
+                "bundle_id": report.bundle_id,
+                "items": report.items,
+                "bad_rows": len(report.bad_rows),
+                "extracted": report.extracted,
+                "metrics": report.metrics["heads"],
+            }
+        )
+    )
     return EXIT_OK
 
 

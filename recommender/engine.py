@@ -75,7 +75,9 @@ class Recommender:
         return transform(self.embedding_scaler, embeddings), probabilities
 
     # -- queries -----------------------------------------------------------------------
-    def query(self, image: ImageSource | ImageBytes, k: int = DEFAULT_K, *, exclude_self: bool = True, name: str | None = None) -> dict:
+    def query(
+        self, image: ImageSource | ImageBytes, k: int = DEFAULT_K, *, exclude_self: bool = True, name: str | None = None
+    ) -> dict:
         """Predicts the labels of one image and finds its ``k`` nearest catalog items.
 
         Args:
@@ -94,7 +96,9 @@ class Recommender:
         """
         return self.query_many([image], k, exclude_self=exclude_self, names=[name])[0]
 
-    def query_many(self, images: list, k: int = DEFAULT_K, *, exclude_self: bool = True, names: list | None = None) -> list[dict]:
+    def query_many(
+        self, images: list, k: int = DEFAULT_K, *, exclude_self: bool = True, names: list | None = None
+    ) -> list[dict]:
         """Like :meth:`query` for several images, in one batched forward pass and search.
 
         Raises:
@@ -110,7 +114,9 @@ class Recommender:
         widest = max(len(e) for e in excluded_lists)
         result = self.index.search(embeddings, k + widest)
         for i, image in enumerate(images):
-            label = names[i] if names[i] is not None else (str(image) if isinstance(image, (str, os.PathLike)) else None)
+            label = (
+                names[i] if names[i] is not None else (str(image) if isinstance(image, (str, os.PathLike)) else None)
+            )
             answers.append(
                 {
                     "image": label,

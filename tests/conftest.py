@@ -52,7 +52,9 @@ def generated_catalog(tmp_path_factory) -> Path:
     from recommender.synthetic import generate_catalog
 
     folder = tmp_path_factory.mktemp("catalog")
-    return generate_catalog(folder, per_class=TINY_PER_CLASS, patterns=TINY_PATTERNS, colours=TINY_COLOURS, size=TINY_SIZE, seed=1)
+    return generate_catalog(
+        folder, per_class=TINY_PER_CLASS, patterns=TINY_PATTERNS, colours=TINY_COLOURS, size=TINY_SIZE, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +109,12 @@ def _png_with_huge_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg_bytes(image: Image.Image, **options) -> bytes:
@@ -160,7 +167,9 @@ def image_files(tmp_path_factory) -> dict[str, Path]:
     files["webp"] = buffer.getvalue()
     files["tiny"] = _png_bytes(Image.new("RGB", (1, 1), (10, 20, 30)))
     files["zero_bytes"] = b""
-    files["truncated_jpeg"] = _jpeg_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))[:400]
+    files["truncated_jpeg"] = _jpeg_bytes(
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    )[:400]
     files["text_file"] = b"id,file,label\n1,a.jpg,shirt\n"
     files["huge_png"] = _png_with_huge_header(100_000, 100_000)
     files["garbage"] = bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8))
@@ -173,7 +182,17 @@ def image_files(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-GOOD_IMAGES = ("rgb_jpeg", "cmyk_jpeg", "rgba_png", "la_png", "palette_png", "grey16_png", "exif_rotated", "webp", "tiny")
+GOOD_IMAGES = (
+    "rgb_jpeg",
+    "cmyk_jpeg",
+    "rgba_png",
+    "la_png",
+    "palette_png",
+    "grey16_png",
+    "exif_rotated",
+    "webp",
+    "tiny",
+)
 BAD_IMAGES = ("zero_bytes", "truncated_jpeg", "text_file", "huge_png", "garbage")
 
 

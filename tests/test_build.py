@@ -59,7 +59,9 @@ def test_bad_rows_are_left_out_and_reported(generated_catalog, tiny_config, tmp_
 
 def test_too_many_bad_rows_fail_with_the_list(generated_catalog, tiny_config, tmp_path, image_files):
     catalog = make_catalog_with_bad_rows(generated_catalog, tmp_path, image_files, 5)
-    with pytest.raises(CatalogError, match=r"(?s)5 of 101 catalog rows are bad.*bad-missing.*image file not found") as caught:
+    with pytest.raises(
+        CatalogError, match=r"(?s)5 of 101 catalog rows are bad.*bad-missing.*image file not found"
+    ) as caught:
         build_bundle(catalog, tmp_path / "b", replace(tiny_config, max_bad_fraction=0.04))
     assert len(caught.value.bad_rows) == 5
     assert not (tmp_path / "b").exists()

@@ -23,7 +23,10 @@ def photo_folder(tmp_path, image_files):
 
 
 def test_csv_with_chosen_columns(photo_folder):
-    path = write_csv(photo_folder / "cat.csv", "sku,photo,kind,colour,title\n1,a.jpg,shirt,red,Red shirt\n2,b.jpg,shoe,blue,Blue shoe\n")
+    path = write_csv(
+        photo_folder / "cat.csv",
+        "sku,photo,kind,colour,title\n1,a.jpg,shirt,red,Red shirt\n2,b.jpg,shoe,blue,Blue shoe\n",
+    )
     catalog = read_catalog(path, image_column="photo", id_column="sku", label_columns=["kind", "colour"])
     assert [row.id for row in catalog.rows] == ["1", "2"]
     assert catalog.rows[0].labels == {"kind": "shirt", "colour": "red"}

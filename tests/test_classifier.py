@@ -48,5 +48,7 @@ def test_training_learns_and_is_reproducible():
     for a, b in zip(first.model.get_weights(), second.model.get_weights()):
         assert np.array_equal(a, b)
     assert first.history["val_loss"] == second.history["val_loss"]
-    other_seed = train_classifier(features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1}))
+    other_seed = train_classifier(
+        features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1})
+    )
     assert not np.array_equal(first.model.get_weights()[0], other_seed.model.get_weights()[0])

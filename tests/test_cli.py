@@ -17,7 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "recommender", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "recommender", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_query_prints_one_json_object_per_image(tiny_bundle, engine, capsys):
@@ -44,7 +51,12 @@ def test_query_with_a_bad_image_reports_it_and_exits_1(tiny_bundle, engine, imag
 
 
 def test_usage_errors_exit_2(tiny_bundle, capsys):
-    for argv in (["query"], ["nonsense"], ["query", "--bundle", str(tiny_bundle), "--k", "0", "x.jpg"], ["build", "--catalog", "x.csv"]):
+    for argv in (
+        ["query"],
+        ["nonsense"],
+        ["query", "--bundle", str(tiny_bundle), "--k", "0", "x.jpg"],
+        ["build", "--catalog", "x.csv"],
+    ):
         with pytest.raises(SystemExit) as caught:
             code = main(argv)
             raise SystemExit(code)
@@ -91,11 +103,23 @@ def test_build_from_fashion_mnist_idx_files(tmp_path, session_store, capsys):
         "test": (rng.integers(0, 256, (10, 28, 28), dtype=np.uint8), (np.arange(10) % 10).astype(np.uint8)),
     }
     idx = write_idx_dir(tmp_path / "idx", arrays, gzipped=True)
-    argv = ["build", "--catalog", f"fashion-mnist:{idx}", "--out", str(tmp_path / "b"), "--split", "train", "--weights", "none"]
+    argv = [
+        "build",
+        "--catalog",
+        f"fashion-mnist:{idx}",
+        "--out",
+        str(tmp_path / "b"),
+        "--split",
+        "train",
+        "--weights",
+        "none",
+    ]
     argv += ["--image-size", "32", "--feature-store", str(session_store), "--epochs", "2", "--no-flips"]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["items"] == 40
     labels = json.loads((tmp_path / "b" / "labels.json").read_text())
-    assert labels["classes"][0] == sorted(["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"])
+    assert labels["classes"][0] == sorted(
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    )
     assert (idx / "catalog" / "catalog.csv").is_file()

@@ -9,7 +9,6 @@ from recommender.errors import InvalidImageError, QueryError
 from recommender.images import load_image
 
 
-
 def test_answer_shape(engine, generated_catalog):
     row = engine.rows[0]
     answer = engine.query(row["path"], k=6)
@@ -56,7 +55,9 @@ def test_neighbors_equal_brute_force_over_catalog_embeddings(engine):
     queries, _ = engine.embed_images(images)
     distances = np.sqrt(((queries[:, None] - vectors[None]) ** 2).sum(-1))
     for i, row in enumerate(engine.rows[:10]):
-        expected = [engine.rows[j]["id"] for j in np.argsort(distances[i], kind="stable") if engine.rows[j]["id"] != row["id"]][:6]
+        expected = [
+            engine.rows[j]["id"] for j in np.argsort(distances[i], kind="stable") if engine.rows[j]["id"] != row["id"]
+        ][:6]
         got = [n["id"] for n in engine.query(row["path"])["neighbors"]]
         assert got == expected
 
@@ -125,8 +126,11 @@ def test_trained_embedding_neighbors_agree_on_label_more_than_raw_features(engin
 
     raw_scaler = fit_scaler(engine.backbone.extract(catalog_images))
     raw = precision_at_6(
-        transform(raw_scaler, engine.backbone.extract(catalog_images)), transform(raw_scaler, engine.backbone.extract(queries))
+        transform(raw_scaler, engine.backbone.extract(catalog_images)),
+        transform(raw_scaler, engine.backbone.extract(queries)),
     )
-    trained = precision_at_6(np.stack([engine.index.reconstruct(i) for i in range(engine.index.size)]), engine.embed_images(queries)[0])
+    trained = precision_at_6(
+        np.stack([engine.index.reconstruct(i) for i in range(engine.index.size)]), engine.embed_images(queries)[0]
+    )
     print(f"P@6 on new images: trained {trained:.3f}, raw {raw:.3f}")
     assert trained >= raw and trained >= 0.85

@@ -104,7 +104,9 @@ def test_hash_is_of_the_encoded_bytes(image_files):
 def test_large_jpeg_is_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
     # Draft decoding (JPEG DCT scaling) must give the picture a full decode gives.
     gradient = np.linspace(0, 255, 2000, dtype=np.uint8)
-    big = np.stack([np.tile(gradient, (1500, 1)), np.tile(gradient[::-1], (1500, 1)), np.full((1500, 2000), 90, np.uint8)], axis=-1)
+    big = np.stack(
+        [np.tile(gradient, (1500, 1)), np.tile(gradient[::-1], (1500, 1)), np.full((1500, 2000), 90, np.uint8)], axis=-1
+    )
     path = tmp_path / "big.jpg"
     Image.fromarray(big).save(path, quality=95)
     small = load_image(path, 64)
