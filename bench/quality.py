@@ -72,7 +72,9 @@ def raw_feature_precision(feature_store: Path) -> float:
 
     backbone = load_backbone(BackboneSpec(name=f"tflite:{MOBILENET}"))
     store = FeatureStore(feature_store, backbone.identity["key"], backbone.feature_dim)
-    catalog = extract_features(read_catalog(CLOTHING / "labels.csv", splits=["train", "validation"]).rows, backbone, store)
+    catalog = extract_features(
+        read_catalog(CLOTHING / "labels.csv", splits=["train", "validation"]).rows, backbone, store
+    )
     queries = extract_features(read_catalog(CLOTHING / "labels.csv", splits=["test"]).rows, backbone, store)
     scaler = fit_scaler(catalog.features)
     index = VectorIndex.build(transform(scaler, catalog.features), "flat", use_gpu=False)
@@ -98,15 +100,25 @@ def main() -> int:
     accuracy = [r["accuracy"] for r in runs]
     precision = [r["p_at_6"] for r in runs]
     print(f"machine: {machine()}")
-    print(f"clothing-small, MobileNet v1 (TFLite) backbone; catalog = train+validation ({runs[0]['catalog_items']}), queries = test ({runs[0]['queries']})")
+    print(
+        f"clothing-small, MobileNet v1 (TFLite) backbone; catalog = train+validation ({runs[0]['catalog_items']}), queries = test ({runs[0]['queries']})"
+    )
     print(f"{'':34s}{'accuracy':>10s}{'P@6':>8s}")
     print(f"{'raw standardized features':34s}{'':>10s}{raw:8.3f}   (baseline {BASELINES['raw features P@6']})")
-    print(f"{'original post head (baseline)':34s}{BASELINES['original head accuracy']:10.2f}{BASELINES['original head P@6']:8.2f}")
+    print(
+        f"{'original post head (baseline)':34s}{BASELINES['original head accuracy']:10.2f}{BASELINES['original head P@6']:8.2f}"
+    )
     for run in runs:
-        print(f"{'this build, seed ' + str(run['seed']):34s}{run['accuracy']:10.3f}{run['p_at_6']:8.3f}   ({run['build_seconds']:.0f} s build, {run['epochs']} epochs)")
-    print(f"{'mean / min over seeds':34s}{np.mean(accuracy):10.3f}{np.mean(precision):8.3f}   min {min(accuracy):.3f} / {min(precision):.3f}")
+        print(
+            f"{'this build, seed ' + str(run['seed']):34s}{run['accuracy']:10.3f}{run['p_at_6']:8.3f}   ({run['build_seconds']:.0f} s build, {run['epochs']} epochs)"
+        )
+    print(
+        f"{'mean / min over seeds':34s}{np.mean(accuracy):10.3f}{np.mean(precision):8.3f}   min {min(accuracy):.3f} / {min(precision):.3f}"
+    )
     print(f"targets: accuracy >= {TARGETS['accuracy']}, P@6 >= {TARGETS['p_at_6']}")
-    path = save_results("quality", {"runs": runs, "raw_features_p_at_6": raw, "baselines": BASELINES, "targets": TARGETS})
+    path = save_results(
+        "quality", {"runs": runs, "raw_features_p_at_6": raw, "baselines": BASELINES, "targets": TARGETS}
+    )
     print(f"wrote {path}")
     return 0
 

@@ -91,7 +91,7 @@ def main() -> int:
                 memory = catalog.nbytes
             else:
                 index = VectorIndex.build(catalog, "flat" if method.endswith("flat") else "hnsw", use_gpu=False)
-                search = (lambda q, index=index: index.search(q, 6))  # noqa: E731
+                search = lambda q, index=index: index.search(q, 6)  # noqa: E731
                 memory = faiss.serialize_index(index.cpu_index).nbytes
             build_seconds = time.perf_counter() - build_started
             p50, p99 = per_query_ms(search, queries, budget_s=2.0 if args.quick else 10.0)
@@ -101,9 +101,22 @@ def main() -> int:
             if method == "faiss hnsw" and exact_positions is not None:
                 approx = index.search(queries, 6).positions
                 recall = float(np.mean([len(set(a) & set(e)) / 6 for a, e in zip(approx, exact_positions)]))
-            rows.append({"n": n, "method": method, "p50_ms": p50, "p99_ms": p99, "recall_at_6": recall, "build_s": build_seconds, "memory_mb": memory / 1e6})
+            rows.append(
+                {
+                    "n": n,
+                    "method": method,
+                    "p50_ms": p50,
+                    "p99_ms": p99,
+                    "recall_at_6": recall,
+                    "build_s": build_seconds,
+                    "memory_mb": memory / 1e6,
+                }
+            )
             recall_text = f"{recall:9.3f}" if recall is not None else f"{'':9s}"
-            print(f"{n:9d} {method:22s} {p50:9.3f} {p99:9.3f} {recall_text} {build_seconds:8.2f} {memory / 1e6:7.1f}", flush=True)
+            print(
+                f"{n:9d} {method:22s} {p50:9.3f} {p99:9.3f} {recall_text} {build_seconds:8.2f} {memory / 1e6:7.1f}",
+                flush=True,
+            )
     path = save_results("search" + ("-quick" if args.quick else ""), {"rows": rows})
     print(f"wrote {path}")
     return 0

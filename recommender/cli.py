@@ -19,9 +19,32 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _quiet_tensorflow() -> None:
-    """Silences TensorFlow's C++ start-up chatter unless the user asked for it."""
+    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
+
+    TF 2.20+ writes those lines to file descriptor 2 before its logging is initialised, so
+    TF_CPP_MIN_LOG_LEVEL cannot silence them; stderr is pointed at a temp file during the
+    import and the first device query, and replayed if the import fails. ``-v`` keeps them.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _add_build_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,9 +187,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code."""
-    _quiet_tensorflow()
     parser = make_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_tensorflow()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
