@@ -18,9 +18,9 @@ import numpy as np
 from recommender.backbones import load_backbone
 from recommender.bundle import library_versions, new_bundle_id, write_bundle, write_json
 from recommender.catalog import Catalog, check_bad_fraction, read_catalog
-from recommender.classifier import ClassifierRunner, train_classifier
+from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
-from recommender.errors import BundleError, CatalogError
+from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.features import FeatureStore, extract_features
 from recommender.index import VectorIndex
 from recommender.scalers import fit_scaler, scaler_arrays, transform
@@ -64,6 +64,7 @@ def build_bundle(
     *,
     overwrite: bool = False,
     progress: bool = False,
+    classifier: TrainedClassifier | None = None,
 ) -> BuildReport:
     """Builds a bundle from a catalog.
 
@@ -73,6 +74,8 @@ def build_bundle(
         config: build settings.
         overwrite: replace an existing bundle at ``out``.
         progress: show progress bars (tqdm) on stderr.
+        classifier: reuse this trained classifier (e.g. the current bundle's) instead of
+            training one; every label of the catalog must be one it knows.
 
     Returns:
         The build report (also written into the bundle).
@@ -123,7 +126,11 @@ def build_bundle(
 
     mark = time.perf_counter()
     labels = {column: [row.labels[column] for row in extraction.rows] for column in catalog.label_columns}
-    trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
+    if classifier is None:
+        trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
+    else:
+        check_known_labels(classifier, labels)
+        trained = classifier
     timings["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -210,3 +217,22 @@ def _self_retrieval(index: VectorIndex, embeddings: np.ndarray, hashes: list[str
     result = index.search(embeddings[sample], 1)
     found = [hashes[int(p)] == hashes[int(i)] for p, i in zip(result.positions[:, 0], sample)]
     return float(np.mean(found))
+
+
+def check_known_labels(classifier: TrainedClassifier, labels: dict[str, list[str]]) -> None:
+    """Refuses to reuse a classifier on labels it has never seen (no silent mislabels).
+
+    Raises:
+        TrainingError: other label columns, or a label value unknown to the classifier.
+    """
+    if list(labels) != classifier.label_columns:
+        raise TrainingError(
+            f"the catalog's label columns {list(labels)} differ from the model's {classifier.label_columns}; retrain"
+        )
+    for column, names in zip(classifier.label_columns, classifier.classes):
+        unknown = sorted(set(labels[column]) - set(names))
+        if unknown:
+            raise TrainingError(
+                f"label(s) {', '.join(repr(u) for u in unknown[:10])} in column {column!r} are unknown to the "
+                f"current model; retrain it (--retrain always or auto)"
+            )

@@ -186,3 +186,45 @@ def read_catalog_rows(bundle: Path, expected: int) -> list[dict]:
     if len(rows) != expected:
         raise BundleError(f"{bundle}: catalog.jsonl has {len(rows)} rows, the manifest says {expected}")
     return rows
+
+
+def read_classifier(bundle: str | os.PathLike, manifest: dict | None = None):
+    """Loads a bundle's trained classifier (model, input scaler, classes, history, metrics).
+
+    Args:
+        bundle: a verified bundle folder.
+        manifest: its manifest (read if not given).
+
+    Returns:
+        ``(classifier.TrainedClassifier, embedding StandardScaler)``.
+
+    Raises:
+        BundleError: the model or the scalers cannot be loaded.
+    """
+    import keras
+    import numpy as np
+
+    from recommender.classifier import TrainedClassifier
+    from recommender.scalers import scaler_from_arrays
+
+    bundle = Path(bundle)
+    manifest = manifest or read_manifest(bundle)
+    try:
+        labels = json.loads((bundle / "labels.json").read_text(encoding="utf-8"))
+        history_path = bundle / "history.json"
+        history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {}
+        model = keras.saving.load_model(bundle / "model.keras", compile=False)
+        with np.load(bundle / "scalers.npz") as arrays:
+            input_scaler = scaler_from_arrays(arrays, "input")
+            embedding_scaler = scaler_from_arrays(arrays, "embedding")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise BundleError(f"{bundle}: cannot load model, labels or scalers ({error})") from None
+    classifier = TrainedClassifier(
+        model=model,
+        input_scaler=input_scaler,
+        label_columns=list(labels["columns"]),
+        classes=[list(names) for names in labels["classes"]],
+        history=history,
+        metrics=dict(manifest.get("metrics") or {}),
+    )
+    return classifier, embedding_scaler

@@ -9,7 +9,6 @@ TFLite interpreter and the FAISS thread setting are guarded by locks.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from recommender.backbones import BackboneSpec, load_backbone
-from recommender.bundle import read_catalog_rows, verify_bundle
+from recommender.bundle import read_catalog_rows, read_classifier, verify_bundle
 from recommender.errors import BundleError, QueryError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
 
@@ -187,11 +186,8 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
         BundleError: the bundle is missing, tampered with, truncated or of another format.
         WeightsUnavailableError: the bundle's ImageNet backbone weights cannot be had here.
     """
-    import keras
-
     from recommender.classifier import ClassifierRunner
     from recommender.index import VectorIndex
-    from recommender.scalers import scaler_from_arrays
 
     path = Path(path).resolve()
     manifest = verify_bundle(path)
@@ -203,17 +199,11 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
             f"{path}: the backbone here ({backbone.identity}) differs from the one the bundle was built with "
             f"({manifest['backbone']['identity']}); rebuild the bundle or supply the same weights"
         )
-    labels = json.loads((path / "labels.json").read_text(encoding="utf-8"))
-    try:
-        model = keras.saving.load_model(path / "model.keras", compile=False)
-        with np.load(path / "scalers.npz") as arrays:
-            input_scaler = scaler_from_arrays(arrays, "input")
-            embedding_scaler = scaler_from_arrays(arrays, "embedding")
-    except (OSError, ValueError, KeyError) as error:
-        raise BundleError(f"{path}: cannot load model or scalers ({error})") from None
+    classifier, embedding_scaler = read_classifier(path, manifest)
+    labels = {"columns": classifier.label_columns, "classes": classifier.classes}
     index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu)
     rows = read_catalog_rows(path, manifest["counts"]["items"])
     if index.size != len(rows):
         raise BundleError(f"{path}: index has {index.size} vectors for {len(rows)} catalog rows")
-    runner = ClassifierRunner(model, input_scaler, len(labels["columns"]))
+    runner = ClassifierRunner(classifier.model, classifier.input_scaler, len(labels["columns"]))
     return Recommender(path, manifest, backbone, runner, embedding_scaler, index, rows, labels)
