@@ -17,11 +17,12 @@ import numpy as np
 
 from recommender.backbones import load_backbone
 from recommender.bundle import library_versions, new_bundle_id, write_bundle, write_json
-from recommender.catalog import Catalog, check_bad_fraction, read_catalog
+from recommender.catalog import BadRow, Catalog, check_bad_fraction, read_catalog
+from recommender.checkpoints import checkpoint
 from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
-from recommender.features import FeatureStore, extract_features
+from recommender.features import ExtractionResult, FeatureStore, extract_features
 from recommender.index import VectorIndex
 from recommender.scalers import fit_scaler, scaler_arrays, transform
 
@@ -57,56 +58,52 @@ def _progress_bar(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
 
 
-def build_bundle(
-    catalog: str | Path | Catalog,
-    out: str | Path,
-    config: BuildConfig = BuildConfig(),
-    *,
-    overwrite: bool = False,
-    progress: bool = False,
-    classifier: TrainedClassifier | None = None,
-) -> BuildReport:
-    """Builds a bundle from a catalog.
+@dataclass
+class PreparedCatalog:
+    """A catalog with its backbone features: the expensive, cacheable half of a build.
 
-    Args:
-        catalog: a CSV path, a folder of class folders, or an already read :class:`Catalog`.
-        out: the bundle folder to create.
-        config: build settings.
-        overwrite: replace an existing bundle at ``out``.
-        progress: show progress bars (tqdm) on stderr.
-        classifier: reuse this trained classifier (e.g. the current bundle's) instead of
-            training one; every label of the catalog must be one it knows.
+    Attributes:
+        catalog: the catalog as read.
+        backbone: the loaded backbone.
+        extraction: features of every readable row (rows, hashes, features, flipped).
+        bad_rows: rows left out so far (reading and decoding), with reasons.
+        seconds: timings of loading the backbone and extracting features.
+    """
 
-    Returns:
-        The build report (also written into the bundle).
+    catalog: Catalog
+    backbone: object
+    extraction: ExtractionResult
+    bad_rows: list[BadRow]
+    seconds: dict[str, float]
+
+
+def load_catalog(source: str | Path, config: BuildConfig) -> Catalog:
+    """Reads a catalog with the column settings of a build config."""
+    return read_catalog(
+        source,
+        image_column=config.image_column,
+        id_column=config.id_column,
+        label_columns=list(config.label_columns),
+        split_column=config.split_column,
+        splits=list(config.splits) if config.splits else None,
+    )
+
+
+def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progress: bool = False) -> PreparedCatalog:
+    """Reads a catalog and gets the features of every photo (from the store where it can).
 
     Raises:
-        CatalogError: unreadable catalog, or too many bad rows (listed).
+        CatalogError: unreadable catalog, too many bad rows (listed), or none left.
         BackboneError / WeightsUnavailableError: the backbone cannot be loaded.
-        TrainingError: too few examples per class.
-        BundleError: ``out`` exists.
     """
-    timings: dict[str, float] = {}
     started = time.perf_counter()
     if not isinstance(catalog, Catalog):
-        catalog = read_catalog(
-            catalog,
-            image_column=config.image_column,
-            id_column=config.id_column,
-            label_columns=list(config.label_columns),
-            split_column=config.split_column,
-            splits=list(config.splits) if config.splits else None,
-        )
+        catalog = load_catalog(catalog, config)
     # Fail before the expensive part when reading alone already found too many bad rows.
     check_bad_fraction(catalog.total, catalog.bad_rows, config.max_bad_fraction)
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose a new --out (bundles are immutable) or pass --overwrite")
-
     backbone = load_backbone(config.backbone)
-    timings["load_backbone"] = time.perf_counter() - started
+    seconds = {"load_backbone": time.perf_counter() - started}
     store = FeatureStore(config.feature_store, backbone.identity["key"], backbone.feature_dim)
-
     mark = time.perf_counter()
     with _progress_bar(len(catalog.rows), "features", progress) as bar:
         extraction = extract_features(
@@ -118,14 +115,64 @@ def build_bundle(
             max_pixels=config.max_pixels,
             progress=bar.update,
         )
-    timings["features"] = time.perf_counter() - mark
+    seconds["features"] = time.perf_counter() - mark
     bad_rows = catalog.bad_rows + extraction.bad_rows
     check_bad_fraction(catalog.total, bad_rows, config.max_bad_fraction)
     if not extraction.rows:
         raise CatalogError("no readable catalog rows left to build from", bad_rows=bad_rows)
+    return PreparedCatalog(
+        catalog=catalog, backbone=backbone, extraction=extraction, bad_rows=bad_rows, seconds=seconds
+    )
+
+
+def build_bundle(
+    catalog: str | Path | Catalog | PreparedCatalog,
+    out: str | Path,
+    config: BuildConfig = BuildConfig(),
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    classifier: TrainedClassifier | None = None,
+    bundle_id: str | None = None,
+) -> BuildReport:
+    """Builds a bundle from a catalog.
+
+    Args:
+        catalog: a CSV path, a folder of class folders, a read :class:`Catalog`, or a
+            :class:`PreparedCatalog` whose features are already extracted.
+        out: the bundle folder to create.
+        config: build settings.
+        overwrite: replace an existing bundle at ``out``.
+        progress: show progress bars (tqdm) on stderr.
+        classifier: reuse this trained classifier (e.g. the current bundle's) instead of
+            training one; every label of the catalog must be one it knows.
+        bundle_id: the new bundle's id (default: a fresh time-based id).
+
+    Returns:
+        The build report (also written into the bundle).
+
+    Raises:
+        CatalogError: unreadable catalog, or too many bad rows (listed).
+        BackboneError / WeightsUnavailableError: the backbone cannot be loaded.
+        TrainingError: too few examples per class, or labels a reused classifier never saw.
+        BundleError: ``out`` exists.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose a new --out (bundles are immutable) or pass --overwrite")
+    prepared = catalog if isinstance(catalog, PreparedCatalog) else prepare_catalog(catalog, config, progress=progress)
+    catalog, backbone, extraction, bad_rows = (
+        prepared.catalog,
+        prepared.backbone,
+        prepared.extraction,
+        prepared.bad_rows,
+    )
+    timings = dict(prepared.seconds)
 
     mark = time.perf_counter()
     labels = {column: [row.labels[column] for row in extraction.rows] for column in catalog.label_columns}
+    checkpoint("train")
     if classifier is None:
         trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
     else:
@@ -145,7 +192,7 @@ def build_bundle(
         log.warning("only %.1f%% of sampled catalog items find themselves first", 100 * self_retrieval)
     timings["index"] = time.perf_counter() - mark
 
-    bundle_id = new_bundle_id()
+    bundle_id = bundle_id or new_bundle_id()
     report = BuildReport(
         bundle=str(out),
         bundle_id=bundle_id,
@@ -167,6 +214,7 @@ def build_bundle(
         )
         write_json(folder / "labels.json", {"columns": trained.label_columns, "classes": trained.classes})
         index.save(folder / "index.faiss")
+        checkpoint("write")  # half a bundle on disk: a kill here must leave nothing publishable
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
             for row, digest in zip(extraction.rows, extraction.hashes):
                 record = {

@@ -45,3 +45,15 @@ class BundleError(RecommenderError):
 
 class QueryError(RecommenderError):
     """A query is malformed (e.g. k out of range)."""
+
+
+class JobLockedError(RecommenderError):
+    """Another rebuild holds the artifact root's lock."""
+
+
+class GateError(RecommenderError):
+    """A new bundle failed the validation gate; the current bundle stays published."""
+
+
+class PublishError(RecommenderError):
+    """The artifact root's layout does not allow publishing or rolling back as asked."""

@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from recommender.catalog import BadRow, CatalogRow
+from recommender.checkpoints import checkpoint
 from recommender.errors import FeatureStoreError, InvalidImageError
 from recommender.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
 
@@ -306,6 +307,7 @@ def extract_features(
                     features = backbone.extract(batch_input)
                     if store is not None:
                         store.add(digests, features, view)
+                        checkpoint("features")
                     fresh[view].update(zip(digests, features))
                 extracted += len(images)
             if progress:
