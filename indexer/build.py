@@ -172,7 +172,6 @@ def build_bundle(
 
     mark = time.perf_counter()
     labels = {column: [row.labels[column] for row in extraction.rows] for column in catalog.label_columns}
-    checkpoint("train")
     if classifier is None:
         trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
     else:

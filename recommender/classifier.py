@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 from sklearn.utils.class_weight import compute_sample_weight
 
+from recommender.checkpoints import checkpoint
 from recommender.errors import TrainingError
 from recommender.scalers import fit_scaler, transform
 
@@ -193,6 +194,8 @@ def train_classifier(
         }
     validation_targets = [codes[validation_index] for codes in encoded]
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    # Lets a fault-injection test pause (and kill) the job in the middle of training.
+    paused = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: checkpoint("train"))
     fit = training_model.fit(
         x_train,
         one_hot(train_targets),
@@ -200,7 +203,7 @@ def train_classifier(
         validation_data=(x_validation, one_hot(validation_targets)),
         batch_size=config.batch_size,
         epochs=config.max_epochs,
-        callbacks=[stopper],
+        callbacks=[stopper, paused],
         shuffle=True,
         verbose=verbose,
     )

@@ -47,7 +47,7 @@ def _quiet_tensorflow() -> None:
             os.close(saved)
 
 
-def _add_build_flags(parser: argparse.ArgumentParser) -> None:
+def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
     from recommender.config import BuildConfig
 
     defaults = BuildConfig()
@@ -112,7 +112,8 @@ def _add_build_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs", type=int, default=None, help="maximum training epochs (early stopping usually ends sooner)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+    if with_output:
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
 
 
 def build_config_from_args(args: argparse.Namespace):
@@ -136,7 +137,7 @@ def build_config_from_args(args: argparse.Namespace):
         flip_average=not args.no_flips,
         index_kind=args.index,
         max_bad_fraction=args.max_bad_fraction,
-        feature_store=args.feature_store or defaults.feature_store,
+        feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
     )
 
 
@@ -170,6 +171,48 @@ def make_parser() -> argparse.ArgumentParser:
     query.add_argument("--include-self", action="store_true", help="keep a catalog item among its own neighbours")
     query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
 
+    rebuild = commands.add_parser(
+        "rebuild",
+        help="nightly job: bring the published bundle up to date with a catalog",
+        description="Incremental rebuild into ARTIFACT_ROOT: reuse stored features, retrain when needed, gate, publish atomically, prune.",
+    )
+    rebuild.add_argument("--catalog", required=True, help="catalog CSV or folder of class folders")
+    rebuild.add_argument(
+        "--root", required=True, type=Path, help="artifact root (bundles/, current, features.h5, runs/)"
+    )
+    rebuild.add_argument(
+        "--retrain",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="auto (default): retrain when the label set or more than --retrain-threshold of the catalog changed",
+    )
+    rebuild.add_argument(
+        "--retrain-threshold",
+        type=float,
+        default=0.2,
+        help="share of changed items that makes auto retrain (default: %(default)s)",
+    )
+    rebuild.add_argument(
+        "--keep", type=int, default=5, help="bundles to keep (default: %(default)s; current is never pruned)"
+    )
+    rebuild.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.05,
+        help="gate: largest allowed fall in validation accuracy (default: %(default)s)",
+    )
+    _add_build_flags(rebuild, with_output=False)
+
+    rollback = commands.add_parser("rollback", help="point current back at an earlier bundle")
+    rollback.add_argument("--root", required=True, type=Path, help="artifact root")
+    rollback.add_argument(
+        "--to", default=None, metavar="BUNDLE_ID", help="bundle id (default: the newest one older than current)"
+    )
+
+    status = commands.add_parser("status", help="show the artifact root: current bundle, bundles, lock, last runs")
+    status.add_argument("--root", required=True, type=Path, help="artifact root")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     demo = commands.add_parser(
         "demo",
         help="build a demo bundle from generated images and query it",
@@ -201,6 +244,17 @@ def main(argv: list[str] | None = None) -> int:
             return _run_build(args)
         if args.command == "query":
             return _run_query(args)
+        if args.command == "rebuild":
+            return _run_rebuild(args)
+        if args.command == "rollback":
+            from indexer.rebuild import rollback
+
+            result = rollback(args.root, args.to)
+            print(f"current is now {result['current']} (was {result['previous']})", file=sys.stderr)
+            print(json.dumps(result))
+            return EXIT_OK
+        if args.command == "status":
+            return _run_status(args)
         if args.command == "demo":
             from indexer.demo import run_demo
 
@@ -211,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     parser.error(f"unknown command {args.command}")
     return EXIT_USAGE
 
@@ -294,3 +352,49 @@ def _run_query(args: argparse.Namespace) -> int:
 def main_entry() -> None:
     """Console-script entry point (``recommender``)."""
     sys.exit(main())
+
+
+def _run_rebuild(args: argparse.Namespace) -> int:
+    from indexer.rebuild import RebuildConfig, rebuild, summary_lines, to_json
+    from recommender.errors import GateError
+
+    config = RebuildConfig(
+        retrain=args.retrain,
+        retrain_threshold=args.retrain_threshold,
+        keep=args.keep,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    try:
+        summary = rebuild(args.catalog, args.root, build_config_from_args(args), config, progress=sys.stderr.isatty())
+    except GateError as error:
+        print(f"error: validation gate refused the new bundle: {error}; current bundle unchanged", file=sys.stderr)
+        return EXIT_ERROR
+    for line in summary_lines(summary):
+        print(line, file=sys.stderr)
+    print(to_json(summary))
+    return EXIT_OK
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from indexer.rebuild import status
+
+    report = status(args.root)
+    if args.json:
+        print(json.dumps(report, default=str))
+        return EXIT_OK
+    print(f"root: {report['root']}")
+    print(f"current: {report['current'] or 'none (nothing published yet)'}")
+    print(f"lock: {report['lock'] or 'free'}")
+    print("bundles:")
+    for bundle in report["bundles"]:
+        mark = "*" if bundle["current"] else " "
+        detail = bundle.get("error") or f"{bundle['items']} items, created {bundle['created_at']}"
+        print(f"  {mark} {bundle['id']}  {detail}")
+    print("last runs:")
+    for run in report["runs"]:
+        counts = run.get("counts") or {}
+        changed = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(
+            f"  {run['run_id']}  {run['state']:<11s} {run.get('bundle_id') or run.get('reason') or run.get('message') or ''}  {changed}"
+        )
+    return EXIT_OK

@@ -1,14 +1,35 @@
-"""Measuring a bundle on labelled query images: accuracy per head and neighbour precision P@k."""
+"""Measuring a bundle on labelled query images: classification and retrieval metrics per head.
+
+Two layers. The metric functions (:func:`classification_metrics`, :func:`retrieval_metrics`
+and the P@k / recall@k / AP@k primitives) take plain arrays and know nothing of bundles, so
+they can be checked against scikit-learn and hand-computed values. :func:`run_queries` walks
+labelled rows through a loaded bundle (``load_image`` -> ``Recommender.embed_images`` ->
+the bundle's index), batched, and :func:`raw_feature_neighbors` finds the neighbours of the
+same queries by raw standardized backbone features, the baseline the trained embedding must
+beat. ``recommender.report`` turns both into ``metrics.json``, plots and an HTML page.
+
+Retrieval definitions (``relevant`` is an (n, k) bool array: neighbour j of query i carries
+the query's label):
+
+- P@k: mean over queries of (relevant neighbours among the k) / k.
+- recall@k: share of queries with at least one relevant neighbour among the k.
+- mAP@k: mean over queries of AP@k = sum_j P@j * relevant_j / min(k, R), where R is the
+  number of catalog items with the query's label (the most relevant items the k neighbours
+  could hold); 1.0 means every position that could hold a relevant item does.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import InvalidImageError
-from recommender.images import load_image
+from recommender.images import load_image_with_hash
 
 
 @dataclass
@@ -33,6 +54,9 @@ class QueryEvaluation:
 def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size: int = 64) -> QueryEvaluation:
     """Queries every row's image (batched) and scores the answers against its labels.
 
+    Neighbours are taken as the index returns them (a query that is itself a catalog item
+    may find itself); :func:`run_queries` is the stricter version used by the report.
+
     Args:
         recommender: a loaded ``engine.Recommender``.
         rows: labelled query rows (e.g. a test split); their label columns must be the bundle's.
@@ -42,36 +66,379 @@ def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size
     Returns:
         Accuracy and P@k per label column that the rows carry.
     """
+    run = run_queries(recommender, rows, k, batch_size=batch_size, exclude_self=False)
     columns = [c for c in recommender.label_columns if rows and c in rows[0].labels]
-    hits = {c: [] for c in columns}
-    precision = {c: [] for c in columns}
-    bad: list[BadRow] = []
-    size = recommender.backbone.input_size
-    for start in range(0, len(rows), batch_size):
-        batch, images = [], []
-        for row in rows[start : start + batch_size]:
-            try:
-                images.append(load_image(row.path, size, max_pixels=recommender.max_pixels))
-                batch.append(row)
-            except InvalidImageError as error:
-                bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(error)))
-        if not batch:
+    accuracy, precision = {}, {}
+    for head, (column, names) in enumerate(zip(recommender.label_columns, recommender.classes)):
+        if column not in columns or not run.rows:
             continue
-        embeddings, probabilities = recommender.embed_images(np.stack(images))
-        result = recommender.index.search(embeddings, k)
-        for head, (column, names) in enumerate(zip(recommender.label_columns, recommender.classes)):
-            if column not in hits:
-                continue
-            predicted = np.argmax(probabilities[head], axis=1)
-            for i, row in enumerate(batch):
-                truth = row.labels[column]
-                hits[column].append(names[predicted[i]] == truth)
-                labels = [recommender.rows[p]["labels"][column] for p in result.positions[i] if p >= 0]
-                precision[column].append(np.mean([label == truth for label in labels]))
+        truth = [row.labels[column] for row in run.rows]
+        predicted = [names[i] for i in np.argmax(run.probabilities[head], axis=1)]
+        accuracy[column] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
+        precision[column] = precision_at_k(neighbor_relevance(recommender.rows, run.positions, truth, column))
     return QueryEvaluation(
-        queries=len(rows) - len(bad),
-        accuracy={c: float(np.mean(v)) for c, v in hits.items() if v},
-        precision_at_k={c: float(np.mean(v)) for c, v in precision.items() if v},
-        k=k,
+        queries=len(run.rows), accuracy=accuracy, precision_at_k=precision, k=k, bad_rows=run.bad_rows
+    )
+
+
+# -- retrieval metrics ---------------------------------------------------------------------
+
+
+def precision_at_k(relevant: np.ndarray) -> float:
+    """Mean share of relevant neighbours per query.
+
+    Args:
+        relevant: (n, k) bool, neighbour j of query i has the query's label; a missing
+            neighbour (fewer than k found) is False.
+
+    Returns:
+        P@k in [0, 1]; NaN for no queries.
+    """
+    relevant = np.asarray(relevant, bool)
+    return float(relevant.mean()) if relevant.size else float("nan")
+
+
+def recall_at_k(relevant: np.ndarray) -> float:
+    """Share of queries with at least one relevant neighbour among the k (a hit rate).
+
+    Args:
+        relevant: (n, k) bool, as for :func:`precision_at_k`.
+    """
+    relevant = np.asarray(relevant, bool)
+    return float(relevant.any(axis=1).mean()) if len(relevant) else float("nan")
+
+
+def average_precision_at_k(relevant: np.ndarray, relevant_totals: np.ndarray) -> np.ndarray:
+    """AP@k of each query: sum over positions j of P@j * relevant_j, over min(k, R).
+
+    Args:
+        relevant: (n, k) bool, as for :func:`precision_at_k`.
+        relevant_totals: (n,) int, R = catalog items with the query's label.
+
+    Returns:
+        (n,) float64 in [0, 1]; 0 where R is 0.
+    """
+    relevant = np.asarray(relevant, bool)
+    totals = np.asarray(relevant_totals, np.int64)
+    k = relevant.shape[1]
+    hits = np.cumsum(relevant, axis=1)
+    precision_at_each = hits / np.arange(1, k + 1)
+    summed = (precision_at_each * relevant).sum(axis=1)
+    denominator = np.minimum(totals, k)
+    return np.divide(summed, denominator, out=np.zeros(len(relevant)), where=denominator > 0)
+
+
+def retrieval_metrics(relevant: np.ndarray, relevant_totals: np.ndarray) -> dict:
+    """P@k, recall@k and mAP@k of a set of queries.
+
+    Args:
+        relevant: (n, k) bool, neighbour j of query i carries the query's label.
+        relevant_totals: (n,) int, catalog items with each query's label.
+
+    Returns:
+        ``{"queries", "precision_at_k", "recall_at_k", "map_at_k"}``.
+    """
+    relevant = np.asarray(relevant, bool)
+    return {
+        "queries": int(len(relevant)),
+        "precision_at_k": precision_at_k(relevant),
+        "recall_at_k": recall_at_k(relevant),
+        "map_at_k": float(average_precision_at_k(relevant, relevant_totals).mean()) if len(relevant) else float("nan"),
+    }
+
+
+def neighbor_relevance(catalog_rows: list[dict], positions: np.ndarray, truth: list[str], column: str) -> np.ndarray:
+    """Marks which neighbours carry the query's label.
+
+    Args:
+        catalog_rows: the bundle's rows (``Recommender.rows``), FAISS order.
+        positions: (n, k) int catalog positions, -1 where no neighbour was found.
+        truth: n true labels of the queries.
+        column: the label column compared.
+
+    Returns:
+        (n, k) bool.
+    """
+    labels = np.array([row["labels"].get(column) for row in catalog_rows] + [None], dtype=object)
+    # -1 (no neighbour) indexes the trailing None, which never equals a label.
+    found = labels[np.asarray(positions, np.int64)]
+    return found == np.asarray(truth, dtype=object)[:, None]
+
+
+# -- classification metrics ----------------------------------------------------------------
+
+
+def classification_metrics(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, precision / recall / F1 (macro, micro, weighted), ROC AUC and per-class figures.
+
+    Averages are over the classes that occur in the truth or the predictions (scikit-learn's
+    rule), with 0 for a class never predicted (no warning). ROC AUC is one-vs-rest per class,
+    defined only for classes that have both positive and negative queries; its macro and
+    weighted (by support) means are over those classes, None when there are none.
+
+    Args:
+        truth: (n,) int class indices into ``classes``.
+        probabilities: (n, len(classes)) float, rows summing to 1.
+        classes: class names by index.
+
+    Returns:
+        ``{"queries", "accuracy", "precision", "recall", "f1", "roc_auc_ovr", "per_class",
+        "confusion_matrix"}``; see ``recommender.report`` for the key documentation.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    truth = np.asarray(truth, np.int64)
+    probabilities = np.asarray(probabilities, np.float64)
+    predicted = np.argmax(probabilities, axis=1)
+    present = np.union1d(truth, predicted)
+    summary = {"queries": int(len(truth)), "accuracy": float(accuracy_score(truth, predicted))}
+    for average in ("macro", "micro", "weighted"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            truth, predicted, labels=present, average=average, zero_division=0
+        )
+        summary.setdefault("precision", {})[average] = float(precision)
+        summary.setdefault("recall", {})[average] = float(recall)
+        summary.setdefault("f1", {})[average] = float(f1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=np.arange(len(classes)), average=None, zero_division=0
+    )
+    auc = np.full(len(classes), np.nan)
+    for index in range(len(classes)):
+        positives = truth == index
+        if positives.any() and not positives.all():
+            auc[index] = roc_auc_score(positives, probabilities[:, index])
+    scored = ~np.isnan(auc)
+    summary["roc_auc_ovr"] = {
+        "macro": float(auc[scored].mean()) if scored.any() else None,
+        "weighted": float(np.average(auc[scored], weights=support[scored])) if scored.any() else None,
+        "classes_scored": int(scored.sum()),
+    }
+    summary["per_class"] = [
+        {
+            "class": name,
+            "support": int(support[i]),
+            "predicted": int((predicted == i).sum()),
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "roc_auc": None if np.isnan(auc[i]) else float(auc[i]),
+        }
+        for i, name in enumerate(classes)
+    ]
+    summary["confusion_matrix"] = {
+        "labels": list(classes),
+        "counts": confusion_matrix(truth, predicted, labels=np.arange(len(classes))).tolist(),
+    }
+    return summary
+
+
+# -- walking queries through a bundle ------------------------------------------------------
+
+
+@dataclass
+class QueryRun:
+    """What a bundle answered for labelled query rows.
+
+    Attributes:
+        rows: the rows whose image could be read, in the order given.
+        hashes: their image sha256s.
+        probabilities: per head, (n, classes) float32.
+        positions: (n, k) int64 catalog positions, nearest first, -1 where none.
+        distances: (n, k) float32 Euclidean distances.
+        self_matches: how many queries are themselves catalog items (same sha256).
+        bad_rows: rows whose image could not be read, with reasons.
+    """
+
+    rows: list[CatalogRow]
+    hashes: list[str]
+    probabilities: list[np.ndarray]
+    positions: np.ndarray
+    distances: np.ndarray
+    self_matches: int
+    bad_rows: list[BadRow]
+
+
+def catalog_positions_by_hash(catalog_rows: list[dict]) -> dict[str, list[int]]:
+    """sha256 -> catalog positions with that image content."""
+    by_hash: dict[str, list[int]] = {}
+    for position, row in enumerate(catalog_rows):
+        by_hash.setdefault(row["sha256"], []).append(position)
+    return by_hash
+
+
+def drop_excluded(
+    positions: np.ndarray, distances: np.ndarray, excluded: list[set[int]], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keeps the first ``k`` neighbours of each query that are not in its excluded set.
+
+    Args:
+        positions: (n, m) int64 positions from a search with m >= k.
+        distances: (n, m) float32.
+        excluded: per query, catalog positions to leave out.
+        k: neighbours to keep.
+
+    Returns:
+        (n, k) positions (-1 padded) and (n, k) distances (inf padded).
+    """
+    kept_positions = np.full((len(positions), k), -1, np.int64)
+    kept_distances = np.full((len(positions), k), np.inf, np.float32)
+    for i, (row_positions, row_distances) in enumerate(zip(positions, distances)):
+        keep = [j for j, p in enumerate(row_positions) if p >= 0 and int(p) not in excluded[i]][:k]
+        kept_positions[i, : len(keep)] = row_positions[keep]
+        kept_distances[i, : len(keep)] = row_distances[keep]
+    return kept_positions, kept_distances
+
+
+def run_queries(
+    recommender,
+    rows: list[CatalogRow],
+    k: int = 6,
+    *,
+    batch_size: int = 64,
+    exclude_self: bool = True,
+    decode_workers: int = 2,
+    progress=None,
+) -> QueryRun:
+    """Answers every row's image with the bundle, batched, decoding one batch ahead.
+
+    Args:
+        recommender: a loaded ``engine.Recommender``.
+        rows: labelled query rows.
+        k: neighbours per query.
+        batch_size: images per forward pass.
+        exclude_self: leave catalog items with the query's image content out of its
+            neighbours, as ``Recommender.query`` does by default.
+        decode_workers: decoding threads.
+        progress: called with the number of rows finished after each batch.
+
+    Returns:
+        Predictions and neighbours of the readable rows; the others in ``bad_rows``.
+    """
+    size = recommender.backbone.input_size
+    by_hash = catalog_positions_by_hash(recommender.rows)
+    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
+    kept_rows, hashes, bad = [], [], []
+    probabilities: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
+    positions, distances = [], []
+
+    def decode(row: CatalogRow):
+        try:
+            return load_image_with_hash(row.path, size, max_pixels=recommender.max_pixels)
+        except InvalidImageError as error:
+            return error
+
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
+        pending = pool.map(decode, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            decoded = list(pending)
+            if index + 1 < len(batches):  # decode the next batch while this one runs
+                pending = pool.map(decode, batches[index + 1])
+            images, batch_rows, batch_hashes = [], [], []
+            for row, result in zip(batch, decoded):
+                if isinstance(result, InvalidImageError):
+                    bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(result)))
+                    continue
+                images.append(result[0])
+                batch_rows.append(row)
+                batch_hashes.append(result[1])
+            if images:
+                embeddings, heads = recommender.embed_images(np.stack(images))
+                found = recommender.index.search(embeddings, min(k + widest, recommender.index.size))
+                excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in batch_hashes]
+                kept = drop_excluded(found.positions, found.distances, excluded, k)
+                positions.append(kept[0])
+                distances.append(kept[1])
+                for head, values in enumerate(heads):
+                    probabilities[head].append(values)
+                kept_rows += batch_rows
+                hashes += batch_hashes
+            if progress:
+                progress(len(batch))
+    width = [len(names) for names in recommender.classes]
+    return QueryRun(
+        rows=kept_rows,
+        hashes=hashes,
+        probabilities=[
+            np.concatenate(p) if p else np.zeros((0, width[i]), np.float32) for i, p in enumerate(probabilities)
+        ],
+        positions=np.concatenate(positions) if positions else np.zeros((0, k), np.int64),
+        distances=np.concatenate(distances) if distances else np.zeros((0, k), np.float32),
+        self_matches=sum(1 for h in hashes if h in by_hash),
         bad_rows=bad,
     )
+
+
+def raw_feature_neighbors(
+    recommender, query_rows: list[CatalogRow], k: int = 6, *, store=None, exclude_self: bool = True
+) -> tuple[np.ndarray, str | None]:
+    """Neighbours of the queries by raw standardized backbone features (the baseline).
+
+    Catalog and query images go through the bundle's backbone (features from the store where
+    it has them), are standardized with the bundle's input scaler (fit on its training rows)
+    and searched exactly. Original images only, no flip averaging: the baseline is the plain
+    backbone.
+
+    Args:
+        recommender: a loaded ``engine.Recommender``.
+        query_rows: rows whose images all decode (e.g. ``QueryRun.rows``).
+        k: neighbours per query.
+        store: a ``features.FeatureStore`` for this backbone, or None (extract everything).
+        exclude_self: leave catalog items with the query's image content out.
+
+    Returns:
+        ``((n, k) int64 catalog positions, None)``, or ``(None, reason)`` when the baseline
+        cannot be measured (catalog images unreadable here).
+    """
+    from recommender.features import extract_features
+    from recommender.index import VectorIndex
+    from recommender.scalers import transform
+
+    catalog = [
+        CatalogRow(id=row["id"], image=row["image"], path=Path(row["path"]), labels=row["labels"])
+        for row in recommender.rows
+    ]
+    catalog_features = extract_features(catalog, recommender.backbone, store, max_pixels=recommender.max_pixels)
+    if catalog_features.bad_rows:
+        missing = len(catalog_features.bad_rows)
+        first = catalog_features.bad_rows[0].describe()
+        return None, f"{missing} of {len(catalog)} catalog images cannot be read here (first: {first})"
+    query_features = extract_features(query_rows, recommender.backbone, store, max_pixels=recommender.max_pixels)
+    scaler = recommender.runner.input_scaler
+    index = VectorIndex.build(transform(scaler, catalog_features.features), "flat", use_gpu=False)
+    by_hash = catalog_positions_by_hash(recommender.rows)
+    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
+    found = index.search(transform(scaler, query_features.features), min(k + widest, index.size))
+    excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in query_features.hashes]
+    positions, _ = drop_excluded(found.positions, found.distances, excluded, k)
+    return positions, None
+
+
+def relevant_totals(
+    catalog_rows: list[dict], truth: list[str], hashes: list[str], column: str, *, exclude_self: bool = True
+) -> np.ndarray:
+    """R of mAP@k per query: catalog items with the query's label that may be returned.
+
+    Args:
+        catalog_rows: the bundle's rows (``Recommender.rows``).
+        truth: n true labels of the queries.
+        hashes: n image sha256s of the queries.
+        column: the label column.
+        exclude_self: catalog items with the query's image content are left out of the
+            neighbours, so they do not count as retrievable either.
+
+    Returns:
+        (n,) int64.
+    """
+    totals = Counter(row["labels"].get(column) for row in catalog_rows)
+    by_hash = catalog_positions_by_hash(catalog_rows) if exclude_self else {}
+    counts = []
+    for label, digest in zip(truth, hashes):
+        own = sum(1 for p in by_hash.get(digest, []) if catalog_rows[p]["labels"].get(column) == label)
+        counts.append(totals[label] - own)
+    return np.asarray(counts, np.int64)

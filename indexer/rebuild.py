@@ -1,0 +1,562 @@
+"""Nightly rebuild: incremental features, retrain policy, validation gate, atomic publish, rollback.
+
+Artifact root layout::
+
+    ROOT/
+      bundles/<bundle id>/     immutable bundles (ids sort by creation time)
+      bundles/.<id>.tmp-*      a bundle being written (never published; removed by the next run)
+      rejected/<bundle id>/    bundles that failed the validation gate, kept for inspection
+      current -> bundles/<id>  the pointer the web app follows, swapped with os.replace
+      features.h5              the feature store shared across runs (+ features.h5.segments/)
+      rebuild.lock             held (flock) by the running job; the kernel frees it if it dies
+      runs/<run id>.json       one JSON log per run: phase, counts, timings, outcome
+
+Whatever happens to the job (an error, SIGKILL at any moment), ``current`` points to a
+complete, verified bundle: a new bundle is written into a temp folder, renamed, loaded and
+checked, and only then does a new symlink replace ``current`` in one ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, read_manifest, verify_bundle
+from recommender.checkpoints import checkpoint
+from recommender.config import BuildConfig
+from recommender.errors import BundleError, GateError, JobLockedError, PublishError, RecommenderError
+
+log = logging.getLogger(__name__)
+
+RETRAIN_POLICIES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class RebuildConfig:
+    """Settings of the rebuild job (defaults documented in the README).
+
+    Attributes:
+        retrain: ``auto`` (retrain when the label set changed or more than
+            ``retrain_threshold`` of the catalog changed), ``always`` or ``never``.
+        retrain_threshold: share of (added + changed + removed) items, relative to the
+            current catalog, above which ``auto`` retrains.
+        keep: bundles kept in ``bundles/`` after publishing (``current`` is never pruned).
+        max_accuracy_drop: the gate refuses a retrained bundle whose primary validation
+            accuracy is more than this below the current bundle's.
+        self_check_sample: catalog photos the gate queries end to end; each must find itself first.
+    """
+
+    retrain: str = "auto"
+    retrain_threshold: float = 0.2
+    keep: int = 5
+    max_accuracy_drop: float = 0.05
+    self_check_sample: int = 20
+
+
+@dataclass
+class Changes:
+    """How the new catalog differs from the current bundle's, by product id."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    relabelled: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """The counts, JSON-ready."""
+        return {
+            "added": len(self.added),
+            "changed": len(self.changed),
+            "removed": len(self.removed),
+            "relabelled": len(self.relabelled),
+            "unchanged": self.unchanged,
+        }
+
+    @property
+    def any(self) -> bool:
+        """Whether anything differs."""
+        return bool(self.added or self.changed or self.removed or self.relabelled)
+
+
+class ArtifactRoot:
+    """Paths and pointer operations of an artifact root (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.bundles = self.root / "bundles"
+        self.rejected = self.root / "rejected"
+        self.current = self.root / "current"
+        self.feature_store = self.root / "features.h5"
+        self.lock_path = self.root / "rebuild.lock"
+        self.runs = self.root / "runs"
+
+    def current_bundle(self) -> Path | None:
+        """The bundle ``current`` points to, or None before the first publish.
+
+        Raises:
+            PublishError: ``current`` exists but is not a symlink into ``bundles/``.
+        """
+        if not os.path.lexists(self.current):
+            return None
+        if not self.current.is_symlink():
+            raise PublishError(f"{self.current} is not a symlink; the rebuild job manages it as one")
+        target = (self.current.parent / os.readlink(self.current)).resolve()
+        if target.parent != self.bundles.resolve():
+            raise PublishError(f"{self.current} points outside {self.bundles}: {target}")
+        return target
+
+    def bundle_ids(self) -> list[str]:
+        """Ids of the complete bundles, oldest first."""
+        if not self.bundles.is_dir():
+            return []
+        return sorted(p.name for p in self.bundles.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def publish(self, bundle_id: str) -> None:
+        """Points ``current`` at ``bundles/<bundle_id>`` atomically (new symlink + os.replace)."""
+        target = self.bundles / bundle_id
+        if not (target / "manifest.json").is_file():
+            raise PublishError(f"no complete bundle {bundle_id} in {self.bundles}")
+        temp = self.root / f".current.{uuid.uuid4().hex[:8]}.tmp"
+        os.symlink(Path("bundles") / bundle_id, temp)
+        checkpoint("publish")  # the new link exists but is not yet current
+        os.replace(temp, self.current)
+        _fsync_directory(self.root)
+
+    def prune(self, keep: int) -> list[str]:
+        """Removes the oldest bundles beyond ``keep`` (never the current one); returns their ids."""
+        current = self.current_bundle()
+        current_id = current.name if current else None
+        ids = self.bundle_ids()
+        removable = [i for i in ids if i != current_id]
+        excess = len(ids) - max(keep, 1)
+        removed = []
+        for bundle_id in removable[: max(excess, 0)]:
+            shutil.rmtree(self.bundles / bundle_id, ignore_errors=True)
+            removed.append(bundle_id)
+        return removed
+
+    def remove_leftovers(self) -> list[str]:
+        """Removes what a killed run left: half-written bundles and temp symlinks."""
+        found = []
+        for path in (
+            list(self.bundles.glob(".*.tmp-*")) + list(self.bundles.glob(".*.old-*")) if self.bundles.is_dir() else []
+        ):
+            shutil.rmtree(path, ignore_errors=True)
+            found.append(path.name)
+        for path in self.root.glob(".current.*.tmp"):
+            path.unlink(missing_ok=True)
+            found.append(path.name)
+        return found
+
+
+def _fsync_directory(path: Path) -> None:
+    """Makes a rename in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def job_lock(root: ArtifactRoot) -> Iterator[None]:
+    """Holds the root's lock for one job; a second job gets :class:`JobLockedError`.
+
+    ``flock`` locks belong to the open file: when the holder dies, even by SIGKILL, the kernel
+    releases it, so a crashed run never leaves the lock stuck.
+    """
+    root.root.mkdir(parents=True, exist_ok=True)
+    handle = open(root.lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise JobLockedError(f"another rebuild is running on {root.root} ({holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def lock_holder(root: ArtifactRoot) -> str | None:
+    """Who holds the lock now (None when free)."""
+    if not root.lock_path.exists():
+        return None
+    with open(root.lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "unknown"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+class RunLog:
+    """The JSON log of one run, rewritten atomically at every phase."""
+
+    def __init__(self, root: ArtifactRoot):
+        self.run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+        self.path = root.runs / f"{self.run_id}.json"
+        self.started = time.perf_counter()
+        self.phase_started = self.started
+        self.data: dict = {
+            "run_id": self.run_id,
+            "state": "running",
+            "phase": "start",
+            "pid": os.getpid(),
+            "seconds": {},
+        }
+        root.runs.mkdir(parents=True, exist_ok=True)
+        self.write()
+
+    def phase(self, name: str) -> None:
+        """Records the end of the previous phase and the start of ``name``."""
+        now = time.perf_counter()
+        self.data["seconds"][self.data["phase"]] = round(now - self.phase_started, 3)
+        self.phase_started = now
+        self.data["phase"] = name
+        self.write()
+
+    def finish(self, state: str, **fields) -> dict:
+        """Ends the run with ``state`` (published, unchanged, refused, failed)."""
+        self.phase("end")
+        self.data.update(fields, state=state, total_seconds=round(time.perf_counter() - self.started, 3))
+        self.write()
+        return self.data
+
+    def write(self) -> None:
+        temp = self.path.with_name(f".{self.path.name}.tmp")
+        temp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(temp, self.path)
+
+
+def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
+    """Compares the current bundle's rows with the new catalog's, by id, photo hash and labels."""
+    before = {row["id"]: row for row in current_rows}
+    changes = Changes()
+    seen = set()
+    for row, digest in zip(rows, hashes):
+        seen.add(row.id)
+        old = before.get(row.id)
+        if old is None:
+            changes.added.append(row.id)
+        elif old["sha256"] != digest:
+            changes.changed.append(row.id)
+        elif old["labels"] != row.labels:
+            changes.relabelled.append(row.id)
+        else:
+            changes.unchanged += 1
+    changes.removed = [i for i in before if i not in seen]
+    return changes
+
+
+def decide_retrain(
+    policy: str,
+    changes: Changes,
+    current_classes: dict[str, list[str]] | None,
+    new_labels: dict[str, list[str]],
+    threshold: float,
+    current_size: int,
+) -> tuple[bool, str]:
+    """Whether to train a new classifier, and why (see :class:`RebuildConfig`)."""
+    if current_classes is None:
+        return True, "no current bundle"
+    if policy == "always":
+        return True, "--retrain always"
+    label_set_changed = list(current_classes) != list(new_labels) or any(
+        set(current_classes[c]) != set(new_labels[c]) for c in new_labels
+    )
+    if policy == "never":
+        return False, "--retrain never"
+    if label_set_changed:
+        return True, "the label set changed"
+    share = (len(changes.added) + len(changes.changed) + len(changes.removed) + len(changes.relabelled)) / max(
+        current_size, 1
+    )
+    if share > threshold:
+        return True, f"{share:.1%} of the catalog changed (threshold {threshold:.0%})"
+    return False, f"{share:.1%} of the catalog changed (threshold {threshold:.0%}): classifier reused"
+
+
+def validation_gate(new_bundle: Path, current_manifest: dict | None, config: RebuildConfig, retrained: bool) -> dict:
+    """Loads and checks a new bundle before it may be published.
+
+    Checks: it verifies and loads; a sample of its catalog photos, queried end to end, each
+    find themselves first; a retrained model's primary validation accuracy is not more than
+    ``max_accuracy_drop`` below the current bundle's.
+
+    Returns:
+        The gate's findings (JSON-ready).
+
+    Raises:
+        GateError: naming the check that failed.
+    """
+    from recommender.engine import load_bundle
+
+    try:
+        recommender = load_bundle(new_bundle)
+    except RecommenderError as error:
+        raise GateError(f"the new bundle does not load: {error}") from None
+    rng = np.random.default_rng(0)
+    count = min(config.self_check_sample, len(recommender.rows))
+    sample = rng.choice(len(recommender.rows), size=count, replace=False)
+    missed = []
+    for position in sample:
+        row = recommender.rows[int(position)]
+        first = recommender.query(row["path"], k=1, exclude_self=False)["neighbors"][0]
+        if recommender.item(first["id"])["sha256"] != row["sha256"]:
+            missed.append(row["id"])
+    if missed:
+        raise GateError(
+            f"{len(missed)} of {count} sampled catalog photos do not find themselves first: {', '.join(missed[:10])}"
+        )
+    findings = {"self_check": f"{count}/{count}"}
+    primary = recommender.label_columns[0]
+    new_accuracy = recommender.manifest["metrics"]["heads"][primary]["validation_accuracy"]
+    findings["validation_accuracy"] = new_accuracy
+    if retrained and current_manifest is not None:
+        old_heads = current_manifest.get("metrics", {}).get("heads", {})
+        if primary in old_heads:
+            old_accuracy = old_heads[primary]["validation_accuracy"]
+            findings["current_validation_accuracy"] = old_accuracy
+            if new_accuracy < old_accuracy - config.max_accuracy_drop:
+                raise GateError(
+                    f"validation accuracy fell from {old_accuracy:.3f} to {new_accuracy:.3f} "
+                    f"(more than the allowed {config.max_accuracy_drop:.3f})"
+                )
+    return findings
+
+
+def rebuild(
+    catalog_source: str | Path,
+    root: str | os.PathLike,
+    build_config: BuildConfig = BuildConfig(),
+    config: RebuildConfig = RebuildConfig(),
+    *,
+    progress: bool = False,
+) -> dict:
+    """Brings the published bundle up to date with a catalog (see the module docstring).
+
+    Args:
+        catalog_source: the catalog (CSV or folder).
+        root: the artifact root.
+        build_config: build settings (its feature store is replaced by ``ROOT/features.h5``).
+        config: job settings.
+        progress: show progress bars.
+
+    Returns:
+        The run summary (also in ``ROOT/runs/<run id>.json``): state ``published`` or
+        ``unchanged``, counts, the decision on retraining, gate findings, timings.
+
+    Raises:
+        JobLockedError: another rebuild runs on this root.
+        GateError: the new bundle was refused (moved to ``rejected/``; ``current`` untouched).
+        CatalogError, TrainingError, ...: as for a build; ``current`` untouched.
+    """
+    from indexer.build import build_bundle, load_catalog, prepare_catalog
+
+    if config.retrain not in RETRAIN_POLICIES:
+        raise ValueError(f"retrain must be one of {RETRAIN_POLICIES}")
+    artifacts = ArtifactRoot(root)
+    build_config = replace(build_config, feature_store=artifacts.feature_store)
+    with job_lock(artifacts):
+        run = RunLog(artifacts)
+        try:
+            leftovers = artifacts.remove_leftovers()
+            if leftovers:
+                log.warning("removed leftovers of an interrupted run: %s", ", ".join(leftovers))
+            current = artifacts.current_bundle()
+            current_manifest = verify_bundle(current) if current else None
+            current_rows = read_catalog_rows(current, current_manifest["counts"]["items"]) if current else []
+
+            run.phase("features")
+            prepared = prepare_catalog(load_catalog(catalog_source, build_config), build_config, progress=progress)
+            extraction = prepared.extraction
+            changes = diff_catalog(current_rows, extraction.rows, extraction.hashes)
+            counts = {**changes.counts(), "failed": len(prepared.bad_rows), "extracted": extraction.extracted}
+            failed = [bad.to_json() for bad in prepared.bad_rows]
+            new_labels = {c: sorted({row.labels[c] for row in extraction.rows}) for c in prepared.catalog.label_columns}
+            current_classes = None
+            if current_manifest is not None:
+                labels = json.loads((current / "labels.json").read_text(encoding="utf-8"))
+                current_classes = dict(zip(labels["columns"], labels["classes"]))
+            if (
+                current is not None
+                and not changes.any
+                and config.retrain != "always"
+                and _same_build(current_manifest, build_config, prepared)
+            ):
+                return run.finish(
+                    "unchanged",
+                    counts=counts,
+                    failed=failed,
+                    current=current.name,
+                    message="nothing changed; current bundle kept",
+                )
+
+            retrain, reason = decide_retrain(
+                config.retrain, changes, current_classes, new_labels, config.retrain_threshold, len(current_rows)
+            )
+            classifier = None
+            if not retrain:
+                classifier, _ = read_classifier(current, current_manifest)
+                classifier.metrics = {**classifier.metrics, "reused_from": current.name}
+            run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
+            run.phase("build")
+            bundle_id = new_bundle_id()
+            report = build_bundle(
+                prepared, artifacts.bundles / bundle_id, build_config, classifier=classifier, bundle_id=bundle_id
+            )
+
+            run.phase("gate")
+            try:
+                findings = validation_gate(artifacts.bundles / bundle_id, current_manifest, config, retrained=retrain)
+            except GateError as error:
+                artifacts.rejected.mkdir(parents=True, exist_ok=True)
+                os.replace(artifacts.bundles / bundle_id, artifacts.rejected / bundle_id)
+                run.finish("refused", reason=str(error), rejected=bundle_id)
+                raise
+
+            run.phase("publish")
+            artifacts.publish(bundle_id)
+            pruned = artifacts.prune(config.keep)
+            return run.finish(
+                "published",
+                bundle_id=bundle_id,
+                previous=current.name if current else None,
+                items=report.items,
+                gate=findings,
+                pruned=pruned,
+                build_seconds=report.seconds,
+            )
+        except GateError:
+            raise
+        except BaseException as error:
+            run.finish("failed", reason=f"{type(error).__name__}: {error}")
+            raise
+
+
+def _same_build(manifest: dict, build_config: BuildConfig, prepared) -> bool:
+    """Whether the current bundle was built with this backbone and label columns."""
+    return (
+        manifest["backbone"]["identity"]["key"] == prepared.backbone.identity["key"]
+        and manifest["catalog"]["label_columns"] == prepared.catalog.label_columns
+    )
+
+
+def rollback(root: str | os.PathLike, to: str | None = None) -> dict:
+    """Points ``current`` back at an earlier bundle (default: the newest one older than current).
+
+    Raises:
+        JobLockedError: a rebuild is running.
+        PublishError: no such bundle, or nothing older to roll back to.
+        BundleError: the target bundle does not verify.
+    """
+    artifacts = ArtifactRoot(root)
+    with job_lock(artifacts):
+        current = artifacts.current_bundle()
+        ids = artifacts.bundle_ids()
+        if to is None:
+            older = [i for i in ids if current is None or i < current.name]
+            if not older:
+                raise PublishError(
+                    f"no bundle older than {current.name if current else 'none'} to roll back to; bundles: {', '.join(ids) or 'none'}"
+                )
+            to = older[-1]
+        if to not in ids:
+            raise PublishError(f"no bundle {to!r} in {artifacts.bundles}; bundles: {', '.join(ids) or 'none'}")
+        verify_bundle(artifacts.bundles / to)
+        artifacts.publish(to)
+        return {"current": to, "previous": current.name if current else None}
+
+
+def status(root: str | os.PathLike, runs: int = 5) -> dict:
+    """What is published, what is on disk, the lock, and the last runs (JSON-ready)."""
+    artifacts = ArtifactRoot(root)
+    if not artifacts.root.is_dir():
+        raise PublishError(f"artifact root not found: {artifacts.root}")
+    current = artifacts.current_bundle()
+    bundles = []
+    for bundle_id in artifacts.bundle_ids():
+        try:
+            manifest = read_manifest(artifacts.bundles / bundle_id)
+            bundles.append(
+                {
+                    "id": bundle_id,
+                    "items": manifest["counts"]["items"],
+                    "created_at": manifest.get("created_at"),
+                    "current": current is not None and current.name == bundle_id,
+                }
+            )
+        except BundleError as error:
+            bundles.append({"id": bundle_id, "error": str(error), "current": False})
+    logs = []
+    for path in sorted(artifacts.runs.glob("*.json"))[-runs:] if artifacts.runs.is_dir() else []:
+        try:
+            logs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    holder = lock_holder(artifacts)
+    for entry in logs:
+        if entry.get("state") == "running" and holder is None:
+            entry["state"] = "interrupted"  # its process is gone: the lock is free
+    return {
+        "root": str(artifacts.root),
+        "current": current.name if current else None,
+        "bundles": bundles,
+        "lock": holder,
+        "runs": logs,
+    }
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A one-screen human summary of a run."""
+    counts = summary.get("counts", {})
+    lines = [f"run {summary['run_id']}: {summary['state']} in {summary.get('total_seconds', 0):.1f} s"]
+    if counts:
+        lines.append(
+            "  photos: {added} added, {changed} changed, {removed} removed, {relabelled} relabelled, "
+            "{unchanged} unchanged, {failed} failed; {extracted} through the backbone".format(**counts)
+        )
+    if "retrain_reason" in summary:
+        lines.append(f"  classifier: {'retrained' if summary['retrain'] else 'reused'} ({summary['retrain_reason']})")
+    if summary.get("bundle_id"):
+        lines.append(
+            f"  published {summary['bundle_id']} ({summary['items']} items; previous {summary.get('previous')})"
+        )
+    if summary.get("pruned"):
+        lines.append(f"  pruned: {', '.join(summary['pruned'])}")
+    if summary.get("message"):
+        lines.append(f"  {summary['message']}")
+    for bad in summary.get("failed", [])[:10]:
+        lines.append(f"  failed: line {bad['line']} ({bad['id']}): {bad['reason']}")
+    return lines
+
+
+def to_json(summary: dict) -> str:
+    """The machine-readable summary line."""
+    return json.dumps(summary, default=str, sort_keys=True)
