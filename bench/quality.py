@@ -22,12 +22,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 from common import CLOTHING, MOBILENET, machine, save_results  # noqa: E402
 
+from recommender.classifier import TrainConfig  # noqa: E402
+
 #: Measured with the original post's head on the same split (see the issue).
 BASELINES = {"raw features P@6": 0.54, "original head accuracy": 0.84, "original head P@6": 0.76}
 TARGETS = {"accuracy": 0.86, "p_at_6": 0.80}
 
 
-def build_and_measure(workdir: Path, seed: int, feature_store: Path) -> dict:
+def build_and_measure(workdir: Path, seed: int, feature_store: Path, overrides: dict | None = None) -> dict:
     """Builds one bundle with the default recipe and measures it on the test rows."""
     from indexer.build import build_bundle
     from recommender.backbones import BackboneSpec
@@ -41,7 +43,7 @@ def build_and_measure(workdir: Path, seed: int, feature_store: Path) -> dict:
         defaults,
         splits=("train", "validation"),
         backbone=BackboneSpec(name=f"tflite:{MOBILENET}"),
-        train=replace(defaults.train, seed=seed),
+        train=replace(defaults.train, seed=seed, **(overrides or {})),
         feature_store=feature_store,
     )
     started = time.perf_counter()
@@ -88,6 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated build seeds (default: 0,1,2)")
     parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a TrainConfig field (e.g. patience=32), repeatable")
     args = parser.parse_args()
     if not CLOTHING.is_dir() or not MOBILENET.is_file():
         print(f"needs {CLOTHING} and {MOBILENET}", file=sys.stderr)
@@ -95,11 +98,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(temp)
         store = args.feature_store or workdir / "features.h5"
-        runs = [build_and_measure(workdir, int(seed), store) for seed in args.seeds.split(",")]
+        overrides = {}
+        for item in args.set:
+            name, _, value = item.partition("=")
+            overrides[name] = type(getattr(TrainConfig(), name))(value)
+        runs = [build_and_measure(workdir, int(seed), store, overrides) for seed in args.seeds.split(",")]
         raw = raw_feature_precision(store)
     accuracy = [r["accuracy"] for r in runs]
     precision = [r["p_at_6"] for r in runs]
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; training overrides: {args.set or 'none (defaults)'}")
     print(
         f"clothing-small, MobileNet v1 (TFLite) backbone; catalog = train+validation ({runs[0]['catalog_items']}), queries = test ({runs[0]['queries']})"
     )

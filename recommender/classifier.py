@@ -39,8 +39,13 @@ class TrainConfig:
         learning_rate: Adam learning rate.
         batch_size: training batch size.
         max_epochs: upper bound; early stopping usually ends sooner.
-        patience: epochs without validation-loss improvement before stopping.
+        patience: epochs without improvement of the primary head's validation loss before
+            stopping (the best epoch's weights are restored).
         label_smoothing: categorical label smoothing.
+        contrastive_weight: weight of the supervised contrastive (SupCon) loss on the
+            embedding, which pulls same-class items together in the space the index searches;
+            0 trains the heads alone (the original recipe).
+        contrastive_temperature: SupCon temperature.
         validation_fraction: share of catalog rows held out (stratified) for early stopping.
         balance_classes: weight samples so every class of a head counts equally.
         flip_augment: also train on features of mirrored images (when extracted).
@@ -53,8 +58,10 @@ class TrainConfig:
     learning_rate: float = 4e-4
     batch_size: int = 64
     max_epochs: int = 32
-    patience: int = 5
+    patience: int = 10
     label_smoothing: float = 0.0
+    contrastive_weight: float = 1.0
+    contrastive_temperature: float = 0.1
     validation_fraction: float = 0.1
     balance_classes: bool = True
     flip_augment: bool = True
@@ -90,8 +97,10 @@ def build_model(feature_dim: int, class_counts: list[int], config: TrainConfig):
     """Creates the Keras models.
 
     Returns:
-        ``(model, training_model)``: the same layers; ``model`` outputs a dict with
-        ``embedding`` (n, 512) and ``head_i`` (n, classes_i), ``training_model`` only the heads.
+        ``(model, training_model)``: the same layers. ``model`` (saved in bundles, never
+        compiled) outputs a dict with ``embedding`` (n, 512) and ``head_i`` (n, classes_i);
+        ``training_model`` outputs the heads, plus the embedding when the contrastive term
+        is on (Keras wants a target and a loss per output).
     """
     import keras
 
@@ -104,11 +113,32 @@ def build_model(feature_dim: int, class_counts: list[int], config: TrainConfig):
         f"head_{index}": keras.layers.Dense(count, activation="softmax", name=f"head_{index}")(dropped)
         for index, count in enumerate(class_counts)
     }
-    # Two views of the same layers: the trained one has only the heads as outputs (Keras wants
-    # a target per output); the saved one also exposes the embedding for indexing.
-    training_model = keras.Model(inputs, heads, name="classifier_training")
     model = keras.Model(inputs, {EMBEDDING_LAYER: embedding, **heads}, name="classifier")
+    training_outputs = {**heads, EMBEDDING_LAYER: embedding} if config.contrastive_weight > 0 else heads
+    training_model = keras.Model(inputs, training_outputs, name="classifier_training")
     return model, training_model
+
+
+def supervised_contrastive_loss(temperature: float):
+    """SupCon (Khosla et al. 2020) over a batch: same-label rows are positives of each other.
+
+    Returns:
+        A Keras loss ``(labels (n,), embeddings (n, d)) -> (n,)`` on L2-normalised embeddings;
+        rows without a positive in the batch contribute 0.
+    """
+    from keras import ops
+
+    def loss(labels, embeddings):
+        labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+        normalised = embeddings / (ops.norm(embeddings, axis=1, keepdims=True) + 1e-8)
+        eye = ops.eye(ops.shape(normalised)[0])
+        # -1e9 on the diagonal removes each row's similarity to itself from the softmax.
+        similarity = ops.matmul(normalised, ops.transpose(normalised)) / temperature - 1e9 * eye
+        log_probability = similarity - ops.logsumexp(similarity, axis=1, keepdims=True)
+        positives = ops.cast(ops.equal(labels[:, None], labels[None, :]), "float32") * (1.0 - eye)
+        return -ops.sum(positives * log_probability, axis=1) / ops.maximum(ops.sum(positives, axis=1), 1.0)
+
+    return loss
 
 
 def stratified_split(labels: list[str], validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,36 +201,60 @@ def train_classifier(
     if config.flip_augment and flipped is not None:
         train_features = np.concatenate([train_features, flipped[train_index]])
         train_targets = [np.concatenate([t, t]) for t in train_targets]
-    scaler = fit_scaler(features[train_index])
+    scaler = fit_scaler(train_features)
     x_train = transform(scaler, train_features)
     x_validation = transform(scaler, features[validation_index])
 
     keras.utils.set_random_seed(config.seed)
     model, training_model = build_model(features.shape[1], [len(c) for c in classes], config)
     heads = [f"head_{i}" for i in range(len(columns))]
+    losses = {h: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for h in heads}
+    loss_weights = {h: 1.0 for h in heads}
+    contrastive = config.contrastive_weight > 0
+    if contrastive:
+        losses[EMBEDDING_LAYER] = supervised_contrastive_loss(config.contrastive_temperature)
+        loss_weights[EMBEDDING_LAYER] = config.contrastive_weight
     training_model.compile(
         optimizer=keras.optimizers.Adam(config.learning_rate),
-        loss={h: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for h in heads},
+        loss=losses,
+        loss_weights=loss_weights,
         metrics={h: ["accuracy"] for h in heads},
     )
 
-    def one_hot(targets):
-        return {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, targets, classes)}
+    def targets(codes):
+        found = {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, codes, classes)}
+        if contrastive:  # SupCon's positives are rows of the same primary class
+            found[EMBEDDING_LAYER] = codes[0].astype(np.float32)
+        return found
 
     sample_weight = None
     if config.balance_classes:
         sample_weight = {
             h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, train_targets)
         }
+        if contrastive:
+            sample_weight[EMBEDDING_LAYER] = sample_weight[heads[0]]
     validation_targets = [codes[validation_index] for codes in encoded]
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    validation_weight = None
+    if config.balance_classes:
+        # Weighted like training, so early stopping judges every class equally too.
+        validation_weight = {
+            h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, validation_targets)
+        }
+        if contrastive:
+            validation_weight[EMBEDDING_LAYER] = validation_weight[heads[0]]
+    # The primary head's loss decides when to stop: the total also holds the contrastive term,
+    # whose scale depends on the batch composition.
+    stopper = keras.callbacks.EarlyStopping(
+        monitor=f"val_{heads[0]}_loss", mode="min", patience=config.patience, restore_best_weights=True
+    )
     # Lets a fault-injection test pause (and kill) the job in the middle of training.
     paused = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: checkpoint("train"))
     fit = training_model.fit(
         x_train,
-        one_hot(train_targets),
+        targets(train_targets),
         sample_weight=sample_weight,
-        validation_data=(x_validation, one_hot(validation_targets)),
+        validation_data=(x_validation, targets(validation_targets), validation_weight),
         batch_size=config.batch_size,
         epochs=config.max_epochs,
         callbacks=[stopper, paused],
@@ -208,13 +262,15 @@ def train_classifier(
         verbose=verbose,
     )
     history = {name: [float(v) for v in values] for name, values in fit.history.items()}
-    predictions = training_model.predict(x_validation, batch_size=1024, verbose=0)
+    predictions = model.predict(x_validation, batch_size=1024, verbose=0)
     metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index)), "heads": {}}
     for head, column, truth in zip(heads, columns, validation_targets):
         accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
         metrics["heads"][column] = {"validation_accuracy": accuracy}
     metrics["epochs_run"] = len(history.get("loss", []))
-    metrics["best_validation_loss"] = float(min(history["val_loss"])) if history.get("val_loss") else None
+    monitored = history.get(f"val_{heads[0]}_loss") or []
+    metrics["best_validation_loss"] = float(min(monitored)) if monitored else None
+    metrics["best_epoch"] = int(np.argmin(monitored)) + 1 if monitored else None
     metrics["config"] = asdict(config)
     return TrainedClassifier(
         model=model,

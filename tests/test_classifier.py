@@ -23,7 +23,9 @@ def test_model_layout():
     assert layer.units == 512 and layer.activation.__name__ == "relu"
     assert model.get_layer("hidden").units == 1024
     assert set(model.output) == {"embedding", "head_0", "head_1"}
-    assert set(training_model.output) == {"head_0", "head_1"}
+    assert set(training_model.output) == {"head_0", "head_1", "embedding"}  # SupCon trains the embedding
+    _, heads_only = build_model(2048, [10, 4], TrainConfig(contrastive_weight=0.0))
+    assert set(heads_only.output) == {"head_0", "head_1"}
 
 
 def test_split_is_stratified_and_refuses_tiny_classes():
@@ -52,3 +54,19 @@ def test_training_learns_and_is_reproducible():
         features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1})
     )
     assert not np.array_equal(first.model.get_weights()[0], other_seed.model.get_weights()[0])
+
+
+def test_supervised_contrastive_loss_by_hand():
+    from keras import ops
+
+    from recommender.classifier import supervised_contrastive_loss
+
+    labels = np.array([0, 0, 1], np.float32)
+    embeddings = np.array([[1, 0], [1, 0], [0, 1]], np.float32)
+    got = ops.convert_to_numpy(supervised_contrastive_loss(0.5)(labels, embeddings))
+    # Row 0: similarities to rows 1, 2 are 1/0.5 = 2 and 0; its positive is row 1.
+    expected_row0 = -(2 - np.log(np.exp(2) + np.exp(0)))
+    assert np.allclose(got, [expected_row0, expected_row0, 0.0], atol=1e-5)  # row 2 has no positive
+    # Pulling the positive away raises the loss.
+    apart = np.array([[1, 0], [0, 1], [0, 1]], np.float32)
+    assert ops.convert_to_numpy(supervised_contrastive_loss(0.5)(labels, apart))[0] > got[0]
