@@ -227,22 +227,17 @@ def train_classifier(
             found[EMBEDDING_LAYER] = codes[0].astype(np.float32)
         return found
 
-    sample_weight = None
-    if config.balance_classes:
-        sample_weight = {
-            h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, train_targets)
-        }
+    def balanced_weights(codes):
+        if not config.balance_classes:
+            return None
+        found = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, codes)}
         if contrastive:
-            sample_weight[EMBEDDING_LAYER] = sample_weight[heads[0]]
+            found[EMBEDDING_LAYER] = found[heads[0]]
+        return found
+
     validation_targets = [codes[validation_index] for codes in encoded]
-    validation_weight = None
-    if config.balance_classes:
-        # Weighted like training, so early stopping judges every class equally too.
-        validation_weight = {
-            h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, validation_targets)
-        }
-        if contrastive:
-            validation_weight[EMBEDDING_LAYER] = validation_weight[heads[0]]
+    # Validation rows are weighted like training rows, so early stopping judges every class equally too.
+    sample_weight, validation_weight = balanced_weights(train_targets), balanced_weights(validation_targets)
     # The primary head's loss decides when to stop: the total also holds the contrastive term,
     # whose scale depends on the batch composition.
     stopper = keras.callbacks.EarlyStopping(

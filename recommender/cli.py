@@ -286,19 +286,11 @@ def _resolve_catalog(spec: str) -> str:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from indexer.build import build_bundle
-    from recommender.catalog import describe_bad_rows, read_catalog
+    from indexer.build import build_bundle, load_catalog
+    from recommender.catalog import describe_bad_rows
 
     config = build_config_from_args(args)
-    source = _resolve_catalog(args.catalog)
-    catalog = read_catalog(
-        source,
-        image_column=config.image_column,
-        id_column=config.id_column,
-        label_columns=list(config.label_columns),
-        split_column=config.split_column,
-        splits=list(config.splits) if config.splits else None,
-    )
+    catalog = load_catalog(_resolve_catalog(args.catalog), config)
     report = build_bundle(catalog, args.out, config, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if report.bad_rows:
         from recommender.catalog import BadRow
