@@ -40,13 +40,23 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_demo(weights: str = "imagenet", folder: Path | None = None, rebuild: bool = False) -> int:
-    """Builds (or reuses) the demo bundle and prints example queries as JSON lines.
+def run_demo(
+    weights: str = "imagenet",
+    folder: Path | None = None,
+    rebuild: bool = False,
+    serve: bool = True,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+) -> int:
+    """Builds (or reuses) the demo bundle, prints example queries as JSON lines, serves the page.
 
     Args:
         weights: ``imagenet``, ``none`` or a weights file path for ResNet50.
         folder: where the catalog, queries, feature store and bundle go.
         rebuild: build a new bundle even if one exists.
+        serve: end by serving the demo page (until Ctrl+C).
+        host: address of the demo page.
+        port: its port.
 
     Returns:
         Exit code 0.
@@ -130,4 +140,9 @@ def run_demo(weights: str = "imagenet", folder: Path | None = None, rebuild: boo
     if spec.weights == "none":
         _say(RANDOM_INIT_NOTE)
     _say(f"try: python -m recommender query --bundle {bundle} {paths[0]}")
-    return 0
+    if not serve:
+        return 0
+    from webapp.cli import serve as serve_page
+
+    _say("")
+    return serve_page(bundle, host, port)

@@ -15,8 +15,10 @@ bundle code load fast.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -124,9 +126,11 @@ class KerasResNet50(Backbone):
         identity = {"kind": "resnet50", "input_size": spec.input_size, "feature_dim": 2048}
         if spec.weights == "imagenet":
             try:
-                model = keras.applications.ResNet50(
-                    include_top=False, pooling="avg", weights="imagenet", input_shape=shape
-                )
+                # Keras reports the download on stdout, which the CLI keeps for JSON answers.
+                with contextlib.redirect_stdout(sys.stderr):
+                    model = keras.applications.ResNet50(
+                        include_top=False, pooling="avg", weights="imagenet", input_shape=shape
+                    )
             except Exception as error:  # network errors come in many types (URLError, OSError, ...)
                 raise WeightsUnavailableError(
                     f"could not get the ImageNet weights for ResNet50 ({type(error).__name__}: {error}); "

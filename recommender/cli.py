@@ -213,6 +213,24 @@ def make_parser() -> argparse.ArgumentParser:
     status.add_argument("--root", required=True, type=Path, help="artifact root")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve the demo page and the JSON API (Flask's server; see the README for gunicorn)",
+        description="Serve a bundle over HTTP: the demo page, /api/v1/similar, /api/v1/items/<id>/similar.",
+    )
+    from webapp.cli import add_serve_arguments
+
+    add_serve_arguments(serve)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure a bundle on a labelled test catalog and write an HTML report",
+        description="Accuracy, precision/recall/F1, ROC AUC, retrieval P@k/recall@k/mAP@k and plots, in REPORT_DIR.",
+    )
+    from recommender.report import add_evaluate_arguments
+
+    add_evaluate_arguments(evaluate)
+
     demo = commands.add_parser(
         "demo",
         help="build a demo bundle from generated images and query it",
@@ -225,6 +243,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--folder", type=Path, default=None, help="demo folder (default: data/demo in the repository)")
     demo.add_argument("--rebuild", action="store_true", help="rebuild the demo bundle even if it exists")
+    demo.add_argument(
+        "--no-serve", action="store_true", help="print the example queries and exit, without serving the page"
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address of the demo page (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=8000, help="port of the demo page (default: %(default)s)")
     return parser
 
 
@@ -255,10 +278,25 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "status":
             return _run_status(args)
+        if args.command == "serve":
+            from webapp.cli import run_serve
+
+            return run_serve(args)
+        if args.command == "evaluate":
+            from recommender.report import run_evaluate
+
+            return run_evaluate(args)
         if args.command == "demo":
             from indexer.demo import run_demo
 
-            return run_demo(weights=args.weights, folder=args.folder, rebuild=args.rebuild)
+            return run_demo(
+                weights=args.weights,
+                folder=args.folder,
+                rebuild=args.rebuild,
+                serve=not args.no_serve,
+                host=args.host,
+                port=args.port,
+            )
     except RecommenderError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
