@@ -46,6 +46,8 @@ class TrainConfig:
             embedding, which pulls same-class items together in the space the index searches;
             0 trains the heads alone (the original recipe).
         contrastive_temperature: SupCon temperature.
+        refit_all: after the early-stopped selection fit, train the final model on every row
+            (train + validation) for the selection fit's best number of epochs.
         validation_fraction: share of catalog rows held out (stratified) for early stopping.
         balance_classes: weight samples so every class of a head counts equally.
         flip_augment: also train on features of mirrored images (when extracted).
@@ -62,6 +64,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     contrastive_weight: float = 1.0
     contrastive_temperature: float = 0.1
+    refit_all: bool = True
     validation_fraction: float = 0.1
     balance_classes: bool = True
     flip_augment: bool = True
@@ -174,6 +177,12 @@ def train_classifier(
 ) -> TrainedClassifier:
     """Trains the multi-head classifier on catalog features.
 
+    Two fits: a *selection* fit on a stratified train split, early-stopped on the held-out
+    validation rows (its validation accuracy is what the bundle reports), then, with
+    ``config.refit_all``, a fresh model trained on every row for the selection fit's best
+    number of epochs (the final model: 10% more data and less dependence on which rows the
+    split held out; on clothing-small it raised test P@6 by about 0.02, see the README).
+
     Args:
         features: (n, d) float32 backbone features, catalog order.
         labels: label column -> n label strings; the first column is the primary class.
@@ -188,26 +197,85 @@ def train_classifier(
     Raises:
         TrainingError: too few examples for a stratified split.
     """
-    import keras
-
     columns = list(labels)
     primary = labels[columns[0]]
     train_index, validation_index = stratified_split(primary, config.validation_fraction, config.seed)
     classes = [sorted(set(labels[c]), key=str) for c in columns]
     encoded = [_encode(labels[c], names) for c, names in zip(columns, classes)]
+    use_flips = config.flip_augment and flipped is not None
 
-    train_features = features[train_index]
-    train_targets = [codes[train_index] for codes in encoded]
-    if config.flip_augment and flipped is not None:
-        train_features = np.concatenate([train_features, flipped[train_index]])
-        train_targets = [np.concatenate([t, t]) for t in train_targets]
-    scaler = fit_scaler(train_features)
-    x_train = transform(scaler, train_features)
-    x_validation = transform(scaler, features[validation_index])
+    def rows(index):
+        """Features and codes of catalog positions, with their mirrored copies when augmenting."""
+        x = np.concatenate([features[index], flipped[index]]) if use_flips else features[index]
+        codes = [np.concatenate([c[index], c[index]]) if use_flips else c[index] for c in encoded]
+        return x, codes
+
+    x_train, train_codes = rows(train_index)
+    scaler = fit_scaler(x_train)
+    validation_codes = [codes[validation_index] for codes in encoded]
+    model, fit = _fit(
+        transform(scaler, x_train),
+        train_codes,
+        classes,
+        config,
+        epochs=config.max_epochs,
+        validation=(transform(scaler, features[validation_index]), validation_codes),
+        verbose=verbose,
+    )
+    history = {name: [float(v) for v in values] for name, values in fit.history.items()}
+    heads = [f"head_{i}" for i in range(len(columns))]
+    predictions = model.predict(transform(scaler, features[validation_index]), batch_size=1024, verbose=0)
+    metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index)), "heads": {}}
+    for head, column, truth in zip(heads, columns, validation_codes):
+        accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
+        metrics["heads"][column] = {"validation_accuracy": accuracy}
+    metrics["epochs_run"] = len(history.get("loss", []))
+    monitored = history.get(f"val_{heads[0]}_loss") or []
+    metrics["best_validation_loss"] = float(min(monitored)) if monitored else None
+    metrics["best_epoch"] = int(np.argmin(monitored)) + 1 if monitored else None
+    metrics["config"] = asdict(config)
+
+    if config.refit_all and metrics["best_epoch"]:
+        all_index = np.arange(len(features))
+        x_all, all_codes = rows(all_index)
+        scaler = fit_scaler(x_all)
+        model, refit = _fit(
+            transform(scaler, x_all), all_codes, classes, config, epochs=metrics["best_epoch"], verbose=verbose
+        )
+        history.update({f"refit_{name}": [float(v) for v in values] for name, values in refit.history.items()})
+        metrics["refit_rows"] = int(len(all_index))
+    return TrainedClassifier(
+        model=model,
+        input_scaler=scaler,
+        label_columns=columns,
+        classes=classes,
+        history=history,
+        metrics=metrics,
+        train_index=train_index,
+        validation_index=validation_index,
+    )
+
+
+def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None, verbose: int = 0):
+    """Builds a fresh seeded model and trains it; with ``validation``, early-stops on it.
+
+    Args:
+        x: (n, d) float32 standardized training features.
+        codes: per head, (n,) class indices.
+        classes: per head, class names.
+        config: hyper-parameters.
+        epochs: epochs to train (the maximum, with early stopping).
+        validation: ``(x, codes)`` of held-out rows, or None.
+        verbose: Keras fit verbosity.
+
+    Returns:
+        ``(inference model, Keras History)``.
+    """
+    import keras
 
     keras.utils.set_random_seed(config.seed)
-    model, training_model = build_model(features.shape[1], [len(c) for c in classes], config)
-    heads = [f"head_{i}" for i in range(len(columns))]
+    model, training_model = build_model(x.shape[1], [len(c) for c in classes], config)
+    heads = [f"head_{i}" for i in range(len(classes))]
     losses = {h: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for h in heads}
     loss_weights = {h: 1.0 for h in heads}
     contrastive = config.contrastive_weight > 0
@@ -221,62 +289,45 @@ def train_classifier(
         metrics={h: ["accuracy"] for h in heads},
     )
 
-    def targets(codes):
-        found = {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, codes, classes)}
+    def targets(head_codes):
+        found = {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, head_codes, classes)}
         if contrastive:  # SupCon's positives are rows of the same primary class
-            found[EMBEDDING_LAYER] = codes[0].astype(np.float32)
+            found[EMBEDDING_LAYER] = head_codes[0].astype(np.float32)
         return found
 
-    def balanced_weights(codes):
+    def balanced_weights(head_codes):
         if not config.balance_classes:
             return None
-        found = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, codes)}
+        found = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, head_codes)}
         if contrastive:
             found[EMBEDDING_LAYER] = found[heads[0]]
         return found
 
-    validation_targets = [codes[validation_index] for codes in encoded]
-    # Validation rows are weighted like training rows, so early stopping judges every class equally too.
-    sample_weight, validation_weight = balanced_weights(train_targets), balanced_weights(validation_targets)
-    # The primary head's loss decides when to stop: the total also holds the contrastive term,
-    # whose scale depends on the batch composition.
-    stopper = keras.callbacks.EarlyStopping(
-        monitor=f"val_{heads[0]}_loss", mode="min", patience=config.patience, restore_best_weights=True
-    )
     # Lets a fault-injection test pause (and kill) the job in the middle of training.
-    paused = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: checkpoint("train"))
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: checkpoint("train"))]
+    validation_data = None
+    if validation is not None:
+        # Validation rows are weighted like training rows, so early stopping judges every class
+        # equally too. The primary head's loss decides when to stop: the total also holds the
+        # contrastive term, whose scale depends on the batch composition.
+        validation_data = (validation[0], targets(validation[1]), balanced_weights(validation[1]))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=f"val_{heads[0]}_loss", mode="min", patience=config.patience, restore_best_weights=True
+            )
+        )
     fit = training_model.fit(
-        x_train,
-        targets(train_targets),
-        sample_weight=sample_weight,
-        validation_data=(x_validation, targets(validation_targets), validation_weight),
+        x,
+        targets(codes),
+        sample_weight=balanced_weights(codes),
+        validation_data=validation_data,
         batch_size=config.batch_size,
-        epochs=config.max_epochs,
-        callbacks=[stopper, paused],
+        epochs=epochs,
+        callbacks=callbacks,
         shuffle=True,
         verbose=verbose,
     )
-    history = {name: [float(v) for v in values] for name, values in fit.history.items()}
-    predictions = model.predict(x_validation, batch_size=1024, verbose=0)
-    metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index)), "heads": {}}
-    for head, column, truth in zip(heads, columns, validation_targets):
-        accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
-        metrics["heads"][column] = {"validation_accuracy": accuracy}
-    metrics["epochs_run"] = len(history.get("loss", []))
-    monitored = history.get(f"val_{heads[0]}_loss") or []
-    metrics["best_validation_loss"] = float(min(monitored)) if monitored else None
-    metrics["best_epoch"] = int(np.argmin(monitored)) + 1 if monitored else None
-    metrics["config"] = asdict(config)
-    return TrainedClassifier(
-        model=model,
-        input_scaler=scaler,
-        label_columns=columns,
-        classes=classes,
-        history=history,
-        metrics=metrics,
-        train_index=train_index,
-        validation_index=validation_index,
-    )
+    return model, fit
 
 
 def _encode(values: list[str], names: list[str]) -> np.ndarray:
