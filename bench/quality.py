@@ -90,7 +90,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated build seeds (default: 0,1,2)")
     parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a TrainConfig field (e.g. patience=32), repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig field (e.g. patience=32), repeatable",
+    )
     args = parser.parse_args()
     if not CLOTHING.is_dir() or not MOBILENET.is_file():
         print(f"needs {CLOTHING} and {MOBILENET}", file=sys.stderr)

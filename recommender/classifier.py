@@ -48,6 +48,10 @@ class TrainConfig:
         contrastive_temperature: SupCon temperature.
         refit_all: after the early-stopped selection fit, train the final model on every row
             (train + validation) for the selection fit's best number of epochs.
+        stop_on: what early stopping watches on the validation rows: the primary head's
+            ``accuracy`` (default) or its ``loss``. The weighted loss bottoms out early (5-10
+            epochs) as the model grows confident, while accuracy and neighbour precision
+            keep improving; refitting for the loss-chosen epoch count measured worse (README).
         validation_fraction: share of catalog rows held out (stratified) for early stopping.
         balance_classes: weight samples so every class of a head counts equally.
         flip_augment: also train on features of mirrored images (when extracted).
@@ -65,6 +69,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     contrastive_temperature: float = 0.1
     refit_all: bool = True
+    stop_on: str = "accuracy"
     validation_fraction: float = 0.1
     balance_classes: bool = True
     flip_augment: bool = True
@@ -230,9 +235,11 @@ def train_classifier(
         accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
         metrics["heads"][column] = {"validation_accuracy": accuracy}
     metrics["epochs_run"] = len(history.get("loss", []))
-    monitored = history.get(f"val_{heads[0]}_loss") or []
-    metrics["best_validation_loss"] = float(min(monitored)) if monitored else None
-    metrics["best_epoch"] = int(np.argmin(monitored)) + 1 if monitored else None
+    losses = history.get(f"val_{heads[0]}_loss") or []
+    metrics["best_validation_loss"] = float(min(losses)) if losses else None
+    watched = history.get(f"val_{heads[0]}_{config.stop_on}") or []
+    pick = np.argmin if config.stop_on == "loss" else np.argmax
+    metrics["best_epoch"] = int(pick(watched)) + 1 if watched else None
     metrics["config"] = asdict(config)
 
     if config.refit_all and metrics["best_epoch"]:
@@ -311,9 +318,11 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
         # equally too. The primary head's loss decides when to stop: the total also holds the
         # contrastive term, whose scale depends on the batch composition.
         validation_data = (validation[0], targets(validation[1]), balanced_weights(validation[1]))
+        watched = f"val_{heads[0]}_{config.stop_on}"
+        mode = "min" if config.stop_on == "loss" else "max"
         callbacks.append(
             keras.callbacks.EarlyStopping(
-                monitor=f"val_{heads[0]}_loss", mode="min", patience=config.patience, restore_best_weights=True
+                monitor=watched, mode=mode, patience=config.patience, restore_best_weights=True
             )
         )
     fit = training_model.fit(
