@@ -237,9 +237,7 @@ def train_classifier(
     metrics["epochs_run"] = len(history.get("loss", []))
     losses = history.get(f"val_{heads[0]}_loss") or []
     metrics["best_validation_loss"] = float(min(losses)) if losses else None
-    watched = history.get(f"val_{heads[0]}_{config.stop_on}") or []
-    pick = np.argmin if config.stop_on == "loss" else np.argmax
-    metrics["best_epoch"] = int(pick(watched)) + 1 if watched else None
+    metrics["best_epoch"] = fit.best_epoch
     metrics["config"] = asdict(config)
 
     if config.refit_all and metrics["best_epoch"]:
@@ -315,16 +313,11 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
     validation_data = None
     if validation is not None:
         # Validation rows are weighted like training rows, so early stopping judges every class
-        # equally too. The primary head's loss decides when to stop: the total also holds the
+        # equally too. It watches the primary head only: the total loss also holds the
         # contrastive term, whose scale depends on the batch composition.
         validation_data = (validation[0], targets(validation[1]), balanced_weights(validation[1]))
-        watched = f"val_{heads[0]}_{config.stop_on}"
-        mode = "min" if config.stop_on == "loss" else "max"
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=watched, mode=mode, patience=config.patience, restore_best_weights=True
-            )
-        )
+        best = _early_stopping_class()(heads[0], config.stop_on, config.patience)
+        callbacks.append(best)
     fit = training_model.fit(
         x,
         targets(codes),
@@ -336,7 +329,47 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
         shuffle=True,
         verbose=verbose,
     )
+    fit.best_epoch = best.best_epoch if validation is not None else None
     return model, fit
+
+
+def _best_key(logs: dict, head: str, stop_on: str) -> tuple[float, float]:
+    """Ranks an epoch: higher is better; ties on accuracy go to the lower validation loss."""
+    loss = float(logs[f"val_{head}_loss"])
+    if stop_on == "accuracy":
+        return float(logs[f"val_{head}_accuracy"]), -loss
+    return -loss, 0.0
+
+
+def _early_stopping_class():
+    """The early-stopping callback class (made here so that importing this module needs no Keras)."""
+    import keras
+
+    class BestEpoch(keras.callbacks.Callback):
+        """Early stopping that keeps the best epoch's weights, ranked by :func:`_best_key`.
+
+        Keras's EarlyStopping ranks by one number; on small validation splits accuracy ties
+        often, and the first of the tied epochs is usually undertrained.
+        """
+
+        def __init__(self, head: str, stop_on: str, patience: int):
+            super().__init__()
+            self.head, self.stop_on, self.patience = head, stop_on, patience
+            self.best_key, self.best_epoch, self.best_weights = None, None, None
+
+        def on_epoch_end(self, epoch, logs=None):
+            key = _best_key(logs or {}, self.head, self.stop_on)
+            if self.best_key is None or key > self.best_key:
+                self.best_key, self.best_epoch = key, epoch + 1
+                self.best_weights = self.model.get_weights()
+            elif epoch + 1 - self.best_epoch >= self.patience:
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+
+    return BestEpoch
 
 
 def _encode(values: list[str], names: list[str]) -> np.ndarray:

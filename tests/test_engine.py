@@ -133,4 +133,4 @@ def test_trained_embedding_neighbors_agree_on_label_more_than_raw_features(engin
         np.stack([engine.index.reconstruct(i) for i in range(engine.index.size)]), engine.embed_images(queries)[0]
     )
     print(f"P@6 on new images: trained {trained:.3f}, raw {raw:.3f}")
-    assert trained >= raw and trained >= 0.85
+    assert trained > raw + 0.03
