@@ -1,0 +1,95 @@
+"""The benchmark scripts run in their --quick mode, so they cannot rot: table printed, JSON written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def run_quick(script: str, timeout: int = 120) -> tuple[str, dict]:
+    """Runs ``bench/<script>.py --quick``; returns its stdout and the JSON it wrote."""
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = RESULTS / f"{script}-quick.json"
+    assert path.stat().st_mtime >= started - 1, f"{path} was not rewritten"
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["cores"] == os.cpu_count()
+    assert len(payload["load_average"]["before"]) == 3
+    assert "machine:" in done.stdout and f"wrote {path}" in done.stdout
+    return done.stdout, payload
+
+
+def test_extraction_quick():
+    output, payload = run_quick("extraction")
+    assert "(a) original" in output and "(b) pipeline" in output and "(c) bare" in output
+    assert payload["results"], "no backbone measured"
+    for result in payload["results"]:
+        rates = result["images_per_s"]
+        assert set(rates) == {"original", "pipeline", "bare"}
+        assert all(rate > 0 for rate in rates.values())
+        assert result["pipeline_vs_original"] == pytest.approx(rates["pipeline"] / rates["original"])
+        assert result["images"] == 8
+
+
+def test_search_quick():
+    output, payload = run_quick("search")
+    methods = {row["method"] for row in payload["rows"]}
+    assert methods == {
+        "original (scipy loop)",
+        "numpy brute force",
+        "faiss flat",
+        "faiss hnsw",
+        "faiss ivf-sq8+refine",
+    }
+    assert {row["data"] for row in payload["rows"]} == {"clothing", "clustered"}
+    for row in payload["rows"]:
+        assert row["p50_ms"] > 0 and row["memory_mb"] > 0
+        if row["method"] in ("faiss hnsw", "faiss ivf-sq8+refine"):
+            # 2,000 vectors: both approximate indexes find nearly all of the exact neighbours.
+            assert 0.9 <= row["recall_at_6"] <= 1.0
+        else:
+            assert row["recall_at_6"] is None
+
+
+def test_query_quick():
+    output, payload = run_quick("query")
+    bundles = [result["bundle"] for result in payload["results"]]
+    assert bundles == ["flip-averaged (default)", "no flips"]
+    flipped, plain = payload["results"]
+    assert flipped["flip_average"] is True and plain["flip_average"] is False
+    for result in payload["results"]:
+        assert result["queries"] == 5
+        assert result["query"]["p50_ms"] > result["parts"]["search"]["p50_ms"] > 0
+        assert result["ratio_p50"] == pytest.approx(result["query"]["p50_ms"] / result["bare_forward"]["p50_ms"])
+        # The numpy re-computation of the classifier must be the same function.
+        assert result["parts"]["classifier_in_numpy"]["max_relative_difference"] < 1e-4
+
+
+def test_multihead_quick():
+    output, payload = run_quick("multihead")
+    heads = payload["heads"]
+    assert len(heads) >= 2
+    for design in ("one_model", "separate_models"):
+        entry = payload[design]
+        assert set(entry["accuracy"]) == set(heads)
+        assert all(0.0 <= value <= 1.0 for value in entry["accuracy"].values())
+        assert entry["per_query"]["p50_ms"] > 0
+    assert len(payload["separate_models"]["epochs"]) == len(heads)
