@@ -31,7 +31,7 @@ TARGETS = {"no change": 0.05, "1% changed": 0.10}
 def run(catalog: Path, root: Path) -> dict:
     """One rebuild subprocess: wall seconds, job seconds, peak RSS in MB, summary."""
     command = [sys.executable, "-m", "recommender", "rebuild", "--catalog", str(catalog), "--root", str(root)]
-    command += ["--backbone", f"tflite:{MOBILENET}", "--label-column", "label"]
+    command += ["--backbone", f"tflite:{MOBILENET}", "--label-column", "label", "--id-column", "id"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,7 +48,7 @@ def run(catalog: Path, root: Path) -> dict:
 
 def write_catalog(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file", "split", "label"])
+        writer = csv.DictWriter(handle, fieldnames=["id", "file", "split", "label"])
         writer.writeheader()
         writer.writerows(rows)
     return path
@@ -62,7 +62,7 @@ def main() -> int:
         print(f"needs {CLOTHING} and {MOBILENET}", file=sys.stderr)
         return 1
     with open(CLOTHING / "labels.csv", newline="") as handle:
-        rows = [{**row, "file": str(CLOTHING / row["file"])} for row in csv.DictReader(handle)]
+        rows = [{**row, "id": row["file"], "file": str(CLOTHING / row["file"])} for row in csv.DictReader(handle)]
     if args.quick:
         rows = rows[::12]
     from PIL import Image
@@ -84,7 +84,7 @@ def main() -> int:
         for i, row in enumerate(rng.sample(rows, count)):
             target = temp / f"added-{i}.jpg"
             Image.open(row["file"]).rotate(3, fillcolor="white").save(target, quality=90)
-            changed.append({**row, "file": str(target)})
+            changed.append({**row, "id": f"added-{i}", "file": str(target)})
         results["1% changed"] = run(write_catalog(temp / "changed.csv", changed), root)
     full = results["full build"]
     print(f"machine: {machine()}; load average {os.getloadavg()}")
@@ -96,6 +96,8 @@ def main() -> int:
         target = TARGETS.get(name)
         counts = result["summary"].get("counts", {})
         note = f"{counts.get('added', 0)} added, {counts.get('changed', 0)} changed, {counts.get('extracted', 0)} extracted, {result['summary']['state']}"
+        if "retrain" in result["summary"]:
+            note += f", classifier {'retrained' if result['summary']['retrain'] else 'reused'}"
         print(
             f"{name:14s} {result['wall_s']:8.1f} {result['job_s']:8.2f} {share:10.1%} {('<= ' + format(target, '.0%')) if target else '':>8s} {result['peak_mb']:8.0f}  {note}"
         )
