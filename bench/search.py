@@ -53,7 +53,7 @@ ORIGINAL_UP_TO = 50_000
 
 #: The proposed approximate index. nlist ~ 4 sqrt(n) rounded to a power of two (1,024 at
 #: 100,000 items); nprobe lists scanned per query; k_factor * k candidates re-ranked exactly.
-PROPOSED = {"nprobe": 64, "k_factor": 4, "training_points_per_list": 64}
+PROPOSED = {"nprobe": 96, "k_factor": 4, "training_points_per_list": 64}
 
 TARGETS = {"approximate_ms_at_100k": 1.0, "recall_at_6": 0.95, "flat_vs_original_at_50k": 20.0}
 
