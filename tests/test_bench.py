@@ -93,3 +93,30 @@ def test_multihead_quick():
         assert all(0.0 <= value <= 1.0 for value in entry["accuracy"].values())
         assert entry["per_query"]["p50_ms"] > 0
     assert len(payload["separate_models"]["epochs"]) == len(heads)
+
+
+def test_filtered_quick():
+    output, payload = run_quick("filtered")
+    assert "target: filtered <= 2x unfiltered at >= 5% match" in output
+    rows = payload["rows"]
+    assert {(row["kind"], row["filter"]) for row in rows} == {
+        ("flat", "random"),
+        ("hnsw", "random"),
+        ("hnsw", "same"),
+        ("hnsw", "other"),
+        ("hnsw", "scan-max"),
+        ("hnsw", "walk-min"),
+    }
+    for row in rows:
+        assert row["filtered_p50_ms"] > 0 and row["unfiltered_p50_ms"] > 0
+        assert row["ratio_p50"] == pytest.approx(row["filtered_p50_ms"] / row["unfiltered_p50_ms"])
+        assert sum(row["method"].values()) == payload["queries"]
+        if row["method"] == {"exact scan": payload["queries"]}:
+            assert row["recall_at_6"] == 1.0  # an exact scan is brute force over the subset
+        else:
+            assert 0.0 <= row["recall_at_6"] <= 1.0
+        assert (row["target_met"] is None) == (row["share"] < 0.05)
+    # The quick catalog (20,000 items) exercises both sides of the switch-over.
+    methods = {method for row in rows for method in row["method"]}
+    assert methods == {"exact scan", "hnsw + selector"}
+    assert all(row["mask_p50_ms"] > 0 for row in rows if row["filter"] in ("random", "same", "other"))
