@@ -121,9 +121,11 @@ def per_query_seconds(runners: list, features: np.ndarray) -> list[float]:
 
 def accuracy(runner, trained, columns: list[str], features: np.ndarray, labels: dict[str, list[str]]) -> dict:
     """Test accuracy of each of ``columns`` from one trained model."""
-    _, probabilities = runner.run(features)
+    _, outputs = runner.run(features)
+    probabilities = trained.label_space.column_probabilities(outputs)
     scores = {}
-    for column, names, values in zip(trained.label_columns, trained.classes, probabilities):
+    for column, names in zip(trained.label_columns, trained.classes):
+        values = probabilities[column]
         if column in columns:
             predicted = [names[i] for i in np.argmax(values, axis=1)]
             scores[column] = float(np.mean([p == t for p, t in zip(predicted, labels[column])]))
@@ -155,14 +157,14 @@ def main() -> int:
     started = time.perf_counter()
     multi = train_classifier(train_x, train_y, config)
     multi_train_s = time.perf_counter() - started
-    multi_runner = ClassifierRunner(multi.model, multi.input_scaler, len(columns))
+    multi_runner = ClassifierRunner(multi.model, multi.input_scaler, [h.name for h in multi.label_space.heads])
     separate, separate_runners, separate_train_s = [], [], 0.0
     for column in columns:
         started = time.perf_counter()
         trained = train_classifier(train_x, {column: train_y[column]}, config)
         separate_train_s += time.perf_counter() - started
         separate.append(trained)
-        separate_runners.append(ClassifierRunner(trained.model, trained.input_scaler, 1))
+        separate_runners.append(ClassifierRunner(trained.model, trained.input_scaler, ["head_0"]))
 
     timed = test_x[: 10 if args.quick else args.queries]
     for runner in [multi_runner, *separate_runners]:  # trace every compiled call first

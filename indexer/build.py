@@ -24,6 +24,7 @@ from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.features import ExtractionResult, FeatureStore, extract_features
 from recommender.index import VectorIndex
+from recommender.labels import LabelSpace, Taxonomy
 from recommender.scalers import fit_scaler, scaler_arrays, transform
 
 log = logging.getLogger(__name__)
@@ -75,17 +76,25 @@ class PreparedCatalog:
     extraction: ExtractionResult
     bad_rows: list[BadRow]
     seconds: dict[str, float]
+    taxonomy: Taxonomy | None = None
 
 
 def load_catalog(source: str | Path, config: BuildConfig) -> Catalog:
-    """Reads a catalog with the column settings of a build config."""
+    """Reads a catalog with the column settings of a build config.
+
+    Hierarchy levels that are not among the label columns are read as label columns too.
+    """
+    label_columns = list(config.label_columns)
+    label_columns += [level for level in config.hierarchy or () if level not in label_columns]
     return read_catalog(
         source,
         image_column=config.image_column,
         id_column=config.id_column,
-        label_columns=list(config.label_columns),
+        label_columns=label_columns,
         split_column=config.split_column,
         splits=list(config.splits) if config.splits else None,
+        tags_column=config.tags_column,
+        tags_separator=config.tags_separator,
     )
 
 
@@ -117,12 +126,43 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
         )
     seconds["features"] = time.perf_counter() - mark
     bad_rows = catalog.bad_rows + extraction.bad_rows
+    taxonomy = None
+    if config.hierarchy:
+        extraction, taxonomy, conflicts = apply_taxonomy(extraction, config.hierarchy)
+        if conflicts:
+            log.warning("%d row(s) break the %s hierarchy and are left out", len(conflicts), ">".join(taxonomy.levels))
+        bad_rows = bad_rows + conflicts
     check_bad_fraction(catalog.total, bad_rows, config.max_bad_fraction)
     if not extraction.rows:
         raise CatalogError("no readable catalog rows left to build from", bad_rows=bad_rows)
     return PreparedCatalog(
-        catalog=catalog, backbone=backbone, extraction=extraction, bad_rows=bad_rows, seconds=seconds
+        catalog=catalog,
+        backbone=backbone,
+        extraction=extraction,
+        bad_rows=bad_rows,
+        seconds=seconds,
+        taxonomy=taxonomy,
     )
+
+
+def apply_taxonomy(
+    extraction: ExtractionResult, levels: tuple[str, ...]
+) -> tuple[ExtractionResult, Taxonomy, list[BadRow]]:
+    """Learns the taxonomy from the extracted rows and leaves out the rows that break it.
+
+    Returns:
+        ``(extraction without the conflicting rows, taxonomy, those rows as bad rows)``.
+    """
+    taxonomy, conflicts = Taxonomy.learn([row.labels for row in extraction.rows], levels)
+    if not conflicts:
+        return extraction, taxonomy, []
+    dropped = {conflict.position for conflict in conflicts}
+    bad = [
+        BadRow(line=extraction.rows[c.position].line, id=extraction.rows[c.position].id,
+               image=extraction.rows[c.position].image, reason=c.reason)
+        for c in conflicts
+    ]  # fmt: skip
+    return extraction.subset([i for i in range(len(extraction.rows)) if i not in dropped]), taxonomy, bad
 
 
 def build_bundle(
@@ -172,15 +212,27 @@ def build_bundle(
 
     mark = time.perf_counter()
     labels = {column: [row.labels[column] for row in extraction.rows] for column in catalog.label_columns}
+    tags = [row.tags for row in extraction.rows] if catalog.tags_column else None
     if classifier is None:
-        trained = train_classifier(extraction.features, labels, config.train, flipped=extraction.flipped)
+        space = LabelSpace.create(
+            labels,
+            taxonomy=prepared.taxonomy,
+            hierarchy_mode=config.hierarchy_mode,
+            tags=tags,
+            tags_column=catalog.tags_column,
+            tags_separator=config.tags_separator,
+            threshold_mode=config.tag_threshold_mode,
+        )
+        trained = train_classifier(
+            extraction.features, labels, config.train, flipped=extraction.flipped, space=space, tags=tags
+        )
     else:
-        check_known_labels(classifier, labels)
+        check_known_labels(classifier, labels, tags, prepared.taxonomy)
         trained = classifier
     timings["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    runner = ClassifierRunner(trained.model, trained.input_scaler, len(catalog.label_columns))
+    runner = ClassifierRunner(trained.model, trained.input_scaler, [head.name for head in trained.label_space.heads])
     use_flips = config.flip_average and extraction.flipped is not None
     raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
     embedding_scaler = fit_scaler(raw_embeddings)
@@ -211,7 +263,7 @@ def build_bundle(
             **scaler_arrays(trained.input_scaler, "input"),
             **scaler_arrays(embedding_scaler, "embedding"),
         )
-        write_json(folder / "labels.json", {"columns": trained.label_columns, "classes": trained.classes})
+        write_json(folder / "labels.json", trained.label_space.to_json())
         index.save(folder / "index.faiss")
         checkpoint("write")  # half a bundle on disk: a kill here must leave nothing publishable
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
@@ -224,6 +276,8 @@ def build_bundle(
                     "labels": row.labels,
                     "extra": row.extra,
                 }
+                if catalog.tags_column:
+                    record["tags"] = list(row.tags)
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         write_json(folder / "history.json", trained.history)
         if config.backbone.weights == "none":
@@ -235,7 +289,12 @@ def build_bundle(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "libraries": library_versions(),
             "backbone": {"spec": asdict(backbone.spec), "identity": backbone.identity},
-            "catalog": {"source": catalog.source, "label_columns": catalog.label_columns},
+            "catalog": {
+                "source": catalog.source,
+                "label_columns": catalog.label_columns,
+                "hierarchy": list(prepared.taxonomy.levels) if prepared.taxonomy else None,
+                "tags_column": catalog.tags_column,
+            },
             "embedding": {"dimension": int(embeddings.shape[1]), "flip_average": use_flips, "layer": "embedding"},
             "index": {"kind": index.kind, "size": index.size},
             "counts": {
@@ -243,6 +302,8 @@ def build_bundle(
                 "catalog_rows": catalog.total,
                 "bad_rows": len(bad_rows),
                 "classes": {c: len(names) for c, names in zip(trained.label_columns, trained.classes)},
+                "taxonomy_paths": len(prepared.taxonomy.paths) if prepared.taxonomy else None,
+                "tags": len(trained.label_space.tags),
             },
             "metrics": trained.metrics,
             "self_retrieval": self_retrieval,
@@ -266,20 +327,45 @@ def _self_retrieval(index: VectorIndex, embeddings: np.ndarray, hashes: list[str
     return float(np.mean(found))
 
 
-def check_known_labels(classifier: TrainedClassifier, labels: dict[str, list[str]]) -> None:
+def check_known_labels(
+    classifier: TrainedClassifier,
+    labels: dict[str, list[str]],
+    tags: list[tuple[str, ...]] | None = None,
+    taxonomy: Taxonomy | None = None,
+) -> None:
     """Refuses to reuse a classifier on labels it has never seen (no silent mislabels).
 
     Raises:
-        TrainingError: other label columns, or a label value unknown to the classifier.
+        TrainingError: other label columns, another hierarchy or tags column, or a label
+            value, taxonomy path or tag unknown to the classifier.
     """
-    if list(labels) != classifier.label_columns:
+    space = classifier.label_space
+    if list(labels) != space.columns:
         raise TrainingError(
-            f"the catalog's label columns {list(labels)} differ from the model's {classifier.label_columns}; retrain"
+            f"the catalog's label columns {list(labels)} differ from the model's {space.columns}; retrain"
         )
-    for column, names in zip(classifier.label_columns, classifier.classes):
+    if (taxonomy.levels if taxonomy else None) != (space.taxonomy.levels if space.taxonomy else None):
+        raise TrainingError("the catalog's hierarchy differs from the model's; retrain")
+    if (tags is not None) != (space.tags_column is not None):
+        raise TrainingError("the catalog's tags column differs from the model's; retrain")
+    for column, names in zip(space.columns, space.classes):
         unknown = sorted(set(labels[column]) - set(names))
         if unknown:
             raise TrainingError(
                 f"label(s) {', '.join(repr(u) for u in unknown[:10])} in column {column!r} are unknown to the "
                 f"current model; retrain it (--retrain always or auto)"
+            )
+    if taxonomy:
+        new_paths = sorted(set(taxonomy.paths) - set(space.taxonomy.paths))
+        if new_paths:
+            raise TrainingError(
+                f"taxonomy path(s) {', '.join(' > '.join(p) for p in new_paths[:5])} are unknown to the current "
+                f"model; retrain it (--retrain always or auto)"
+            )
+    if tags is not None:
+        unknown = sorted({tag for row_tags in tags for tag in row_tags} - set(space.tags))
+        if unknown:
+            raise TrainingError(
+                f"tag(s) {', '.join(repr(u) for u in unknown[:10])} are unknown to the current model; retrain it "
+                f"(--retrain always or auto)"
             )

@@ -21,6 +21,8 @@ from recommender.errors import BundleError, WeightsUnavailableError
 DEMO_PER_CLASS = 10
 #: Generated image side and backbone input size (small keeps the offline demo quick).
 DEMO_IMAGE_SIZE = 128
+#: The generated catalog's known taxonomy (see recommender.synthetic.PATTERN_TAXONOMY).
+DEMO_HIERARCHY = ("department", "family", "label")
 DEMO_QUERIES = (("stripes", "red"), ("dots", "blue"), ("checks", "green"), ("diagonal", "black"))
 
 RANDOM_INIT_NOTE = (
@@ -66,11 +68,11 @@ def run_demo(
     from indexer.build import build_bundle
     from recommender.backbones import load_backbone
     from recommender.engine import load_bundle
-    from recommender.synthetic import COLOURS, draw_product, generate_catalog
+    from recommender.synthetic import CATALOG_COLUMNS, COLOURS, draw_product, generate_catalog
 
     folder = Path(folder or default_demo_folder())
     catalog_csv = folder / "catalog" / "catalog.csv"
-    if not catalog_csv.exists():
+    if not catalog_csv.exists() or _header(catalog_csv) != CATALOG_COLUMNS:  # absent, or from an older version
         _say(f"generating the demo catalog in {catalog_csv.parent} ...")
         generate_catalog(catalog_csv.parent, per_class=DEMO_PER_CLASS, size=DEMO_IMAGE_SIZE, seed=0)
 
@@ -93,7 +95,12 @@ def run_demo(
     reuse = False
     if bundle.exists() and not rebuild:
         try:
-            reuse = read_manifest(bundle)["backbone"]["spec"] == {**spec.__dict__}
+            manifest = read_manifest(bundle)
+            reuse = (
+                manifest["backbone"]["spec"] == {**spec.__dict__}
+                and manifest["catalog"].get("hierarchy") == list(DEMO_HIERARCHY)
+                and manifest["catalog"].get("tags_column") == "tags"
+            )
         except BundleError:
             reuse = False
     if not reuse:
@@ -102,6 +109,8 @@ def run_demo(
             BuildConfig(),
             id_column="id",
             label_columns=("label", "colour"),
+            hierarchy=DEMO_HIERARCHY,
+            tags_column="tags",
             backbone=spec,
             feature_store=folder / "features.h5",
         )
@@ -128,11 +137,20 @@ def run_demo(
         print(json.dumps(answer, ensure_ascii=False))
         predicted = answer["predicted"]
         same = sum(n["labels"]["label"] == pattern for n in answer["neighbors"])
+        tags = ", ".join(t["tag"] for t in answer.get("tags", [])) or "none"
         _say(
-            f"query {path.name}: predicted {predicted['label']['label']} ({predicted['label']['probability']:.2f}), "
-            f"colour {predicted['colour']['label']} ({predicted['colour']['probability']:.2f}); "
+            f"query {path.name}: predicted {' > '.join(answer['hierarchy']['path'])} "
+            f"({predicted['label']['probability']:.2f}), colour {predicted['colour']['label']} "
+            f"({predicted['colour']['probability']:.2f}), tags {tags}; "
             f"{same}/6 neighbours have {pattern}: " + ", ".join(n["id"] for n in answer["neighbors"])
         )
+    colour = DEMO_QUERIES[0][1]
+    narrowed = recommender.query(paths[0], k=6, filters={"colour": colour})
+    _say(
+        f"query {paths[0].name} with filter colour={colour}: "
+        + ", ".join(n["id"] for n in narrowed["neighbors"])
+        + f" ({narrowed['filter']['matching_items']} catalog items match)"
+    )
     identity = recommender.manifest["backbone"]["identity"]
     _say("")
     _say(f"bundle: {bundle} (id {recommender.bundle_id})")
@@ -146,3 +164,8 @@ def run_demo(
 
     _say("")
     return serve_page(bundle, host, port)
+
+
+def _header(catalog_csv: Path) -> list[str]:
+    with open(catalog_csv, encoding="utf-8") as handle:
+        return handle.readline().strip().split(",")

@@ -37,6 +37,7 @@ from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier
 from recommender.checkpoints import checkpoint
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, GateError, JobLockedError, PublishError, RecommenderError
+from recommender.labels import LabelSpace
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
             changes.added.append(row.id)
         elif old["sha256"] != digest:
             changes.changed.append(row.id)
-        elif old["labels"] != row.labels:
+        elif old["labels"] != row.labels or old.get("tags", []) != list(row.tags):
             changes.relabelled.append(row.id)
         else:
             changes.unchanged += 1
@@ -399,11 +400,19 @@ def rebuild(
             changes = diff_catalog(current_rows, extraction.rows, extraction.hashes)
             counts = {**changes.counts(), "failed": len(prepared.bad_rows), "extracted": extraction.extracted}
             failed = [bad.to_json() for bad in prepared.bad_rows]
-            new_labels = {c: sorted({row.labels[c] for row in extraction.rows}) for c in prepared.catalog.label_columns}
+            new_labels = label_sets(
+                {c: sorted({row.labels[c] for row in extraction.rows}) for c in prepared.catalog.label_columns},
+                prepared.taxonomy.paths if prepared.taxonomy else None,
+                sorted({t for row in extraction.rows for t in row.tags}) if prepared.catalog.tags_column else None,
+            )
             current_classes = None
             if current_manifest is not None:
-                labels = json.loads((current / "labels.json").read_text(encoding="utf-8"))
-                current_classes = dict(zip(labels["columns"], labels["classes"]))
+                space = LabelSpace.from_json(json.loads((current / "labels.json").read_text(encoding="utf-8")))
+                current_classes = label_sets(
+                    dict(zip(space.columns, space.classes)),
+                    space.taxonomy.paths if space.taxonomy else None,
+                    space.tags if space.tags_column else None,
+                )
             if (
                 current is not None
                 and not changes.any
@@ -460,11 +469,25 @@ def rebuild(
             raise
 
 
+def label_sets(classes: dict[str, list[str]], paths=None, tags: list[str] | None = None) -> dict[str, list[str]]:
+    """What a classifier can predict, as comparable sets: the classes per column, plus the
+    taxonomy's paths and the tag names when there are any (keys ``#paths``, ``#tags``)."""
+    found = dict(classes)
+    if paths is not None:
+        found["#paths"] = sorted(" > ".join(path) for path in paths)
+    if tags is not None:
+        found["#tags"] = list(tags)
+    return found
+
+
 def _same_build(manifest: dict, build_config: BuildConfig, prepared) -> bool:
-    """Whether the current bundle was built with this backbone and label columns."""
+    """Whether the current bundle was built with this backbone, label columns, hierarchy and tags."""
+    catalog = manifest["catalog"]
     return (
         manifest["backbone"]["identity"]["key"] == prepared.backbone.identity["key"]
-        and manifest["catalog"]["label_columns"] == prepared.catalog.label_columns
+        and catalog["label_columns"] == prepared.catalog.label_columns
+        and catalog.get("hierarchy") == (list(prepared.taxonomy.levels) if prepared.taxonomy else None)
+        and catalog.get("tags_column") == prepared.catalog.tags_column
     )
 
 

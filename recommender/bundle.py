@@ -1,13 +1,16 @@
 """The bundle: an immutable directory holding everything a query needs, verified on load.
 
-Layout (format version 1)::
+Layout (format version 2; version 1 bundles, which lack the heads, taxonomy and tags in
+``labels.json``, still load)::
 
     BUNDLE/
       model.keras             classifier (features -> embedding + heads)
       scalers.npz             input_* (backbone features) and embedding_* StandardScalers
-      labels.json             label columns and class names per head
+      labels.json             label columns, class names, heads (softmax / sigmoid), the
+                              learned taxonomy and the tags with their tuned thresholds
       index.faiss             FAISS index; id i = line i of catalog.jsonl
       catalog.jsonl           one catalog row per line: id, image, path, sha256, labels, extra
+                              (and tags, with a tags column)
       history.json            per-epoch training curves
       build_report.json       counts and the rows left out, with reasons
       backbone.weights.h5     only for --weights none: the random-init backbone weights
@@ -32,7 +35,9 @@ from pathlib import Path
 from recommender.backbones import file_sha256
 from recommender.errors import BundleError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format versions this code reads.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.keras", "scalers.npz", "labels.json", "index.faiss", "catalog.jsonl")
 
@@ -136,8 +141,9 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict):
         raise BundleError(f"{path}: expected a JSON object")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{bundle}: bundle format version {version!r}, this version reads {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise BundleError(f"{bundle}: bundle format version {version!r}, this version reads {readable}")
     for key in ("bundle_id", "backbone", "files", "counts", "embedding"):
         if key not in manifest:
             raise BundleError(f"{path}: missing field {key!r}")
@@ -205,25 +211,33 @@ def read_classifier(bundle: str | os.PathLike, manifest: dict | None = None):
     import numpy as np
 
     from recommender.classifier import TrainedClassifier
+    from recommender.labels import LabelSpace
     from recommender.scalers import scaler_from_arrays
 
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle)
     try:
-        labels = json.loads((bundle / "labels.json").read_text(encoding="utf-8"))
+        space = LabelSpace.from_json(json.loads((bundle / "labels.json").read_text(encoding="utf-8")))
         history_path = bundle / "history.json"
         history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {}
         model = keras.saving.load_model(bundle / "model.keras", compile=False)
         with np.load(bundle / "scalers.npz") as arrays:
             input_scaler = scaler_from_arrays(arrays, "input")
             embedding_scaler = scaler_from_arrays(arrays, "embedding")
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise BundleError(f"{bundle}: cannot load model, labels or scalers ({error})") from None
+    layers = {layer.name: layer for layer in model.layers}
+    for head in space.heads:
+        width = int(layers[head.name].units) if head.name in layers else None
+        if width != len(head.classes):
+            raise BundleError(
+                f"{bundle}: labels.json head {head.name} has {len(head.classes)} classes, the model's output has "
+                f"{width if width is not None else 'no such layer'}"
+            )
     classifier = TrainedClassifier(
         model=model,
         input_scaler=input_scaler,
-        label_columns=list(labels["columns"]),
-        classes=[list(names) for names in labels["classes"]],
+        label_space=space,
         history=history,
         metrics=dict(manifest.get("metrics") or {}),
     )

@@ -34,6 +34,7 @@ class CatalogRow:
         labels: label column -> value, in the order of the label columns.
         extra: the row's other columns (e.g. title, split), kept for display.
         line: 1-based line in the CSV (header is line 1); 0 for folder catalogs.
+        tags: the row's multi-label tags (with a tags column), sorted, no repeats.
     """
 
     id: str
@@ -42,6 +43,7 @@ class CatalogRow:
     labels: dict[str, str]
     extra: dict[str, str] = field(default_factory=dict)
     line: int = 0
+    tags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Catalog:
         root: folder that relative image paths are resolved against.
         source: the catalog path as given.
         total: number of data rows read (good + bad).
+        tags_column: the multi-label column, or None.
     """
 
     rows: list[CatalogRow]
@@ -82,6 +85,7 @@ class Catalog:
     root: Path
     source: str
     total: int
+    tags_column: str | None = None
 
     def without(self, ids: set[str]) -> Catalog:
         """Returns a copy with the rows whose id is in ``ids`` removed (bad rows kept)."""
@@ -92,6 +96,7 @@ class Catalog:
             root=self.root,
             source=self.source,
             total=self.total,
+            tags_column=self.tags_column,
         )
 
 
@@ -103,6 +108,8 @@ def read_catalog(
     label_columns: list[str] | tuple[str, ...] = ("label",),
     split_column: str = "split",
     splits: list[str] | tuple[str, ...] | None = None,
+    tags_column: str | None = None,
+    tags_separator: str = "|",
 ) -> Catalog:
     """Reads a CSV manifest or a folder of class folders.
 
@@ -114,6 +121,9 @@ def read_catalog(
             catalog has one label column, named by the first entry.
         split_column: column that names each row's split, used only with ``splits``.
         splits: if given, keep only rows whose ``split_column`` is one of these.
+        tags_column: CSV column holding several tags per product (multi-label), or None.
+            An empty cell means no tags.
+        tags_separator: what separates the tags in one cell.
 
     Returns:
         The catalog, with rows that failed reading checks in ``bad_rows``.
@@ -126,14 +136,20 @@ def read_catalog(
         raise CatalogError("at least one label column is needed")
     if len(set(label_columns)) != len(label_columns):
         raise CatalogError(f"label columns repeat: {label_columns}")
+    if tags_column is not None and tags_column in label_columns:
+        raise CatalogError(f"column {tags_column!r} cannot be both a label column and the tags column")
+    if tags_column is not None and not tags_separator:
+        raise CatalogError("the tags separator cannot be empty")
     path = Path(source)
     if not path.exists():
         raise CatalogError(f"catalog not found: {path}")
     if path.is_dir():
         if splits:
             raise CatalogError("--split filters need a CSV catalog with a split column")
+        if tags_column:
+            raise CatalogError("a tags column needs a CSV catalog")
         return _read_folder(path, label_columns[0])
-    return _read_csv(path, image_column, id_column, label_columns, split_column, splits)
+    return _read_csv(path, image_column, id_column, label_columns, split_column, splits, tags_column, tags_separator)
 
 
 def _read_folder(folder: Path, label_column: str) -> Catalog:
@@ -162,6 +178,8 @@ def _read_csv(
     label_columns: list[str],
     split_column: str,
     splits,
+    tags_column: str | None = None,
+    tags_separator: str = "|",
 ) -> Catalog:
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
@@ -174,13 +192,16 @@ def _read_csv(
             if not header:
                 raise CatalogError(f"{path}: empty file, expected a CSV header line")
             needed = (
-                [image_column, *label_columns] + ([id_column] if id_column else []) + ([split_column] if splits else [])
+                [image_column, *label_columns]
+                + ([id_column] if id_column else [])
+                + ([split_column] if splits else [])
+                + ([tags_column] if tags_column else [])
             )
             missing = [column for column in needed if column not in header]
             if missing:
                 raise CatalogError(
                     f"{path}: missing column(s) {', '.join(missing)}; the header has: {', '.join(header)} "
-                    f"(choose columns with --image-column, --id-column, --label-column)"
+                    f"(choose columns with --image-column, --id-column, --label-column, --tags-column)"
                 )
             records = list(reader)
         except UnicodeDecodeError:
@@ -228,12 +249,26 @@ def _read_csv(
         extra = {
             k: (v or "")
             for k, v in record.items()
-            if k not in labels and k not in (image_column, id_column) and k is not None
+            if k not in labels and k not in (image_column, id_column, tags_column) and k is not None
         }
-        rows.append(CatalogRow(id=row_id, image=image, path=image_path, labels=labels, extra=extra, line=line))
+        tags = split_tags(record.get(tags_column) or "", tags_separator) if tags_column else ()
+        rows.append(
+            CatalogRow(id=row_id, image=image, path=image_path, labels=labels, extra=extra, line=line, tags=tags)
+        )
     return Catalog(
-        rows=rows, bad_rows=bad, label_columns=label_columns, root=root, source=str(path), total=len(records)
+        rows=rows,
+        bad_rows=bad,
+        label_columns=label_columns,
+        root=root,
+        source=str(path),
+        total=len(records),
+        tags_column=tags_column,
     )
+
+
+def split_tags(cell: str, separator: str) -> tuple[str, ...]:
+    """``"v-neck| striped |v-neck"`` -> ``("striped", "v-neck")``: stripped, no empties, no repeats."""
+    return tuple(sorted({tag.strip() for tag in cell.split(separator) if tag.strip()}, key=str))
 
 
 def describe_bad_rows(bad_rows: list[BadRow], limit: int = MAX_LISTED_BAD_ROWS) -> str:

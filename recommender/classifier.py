@@ -21,6 +21,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from recommender.checkpoints import checkpoint
 from recommender.errors import TrainingError
+from recommender.labels import HeadSpec, LabelSpace
 from recommender.scalers import fit_scaler, transform
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,7 @@ class TrainedClassifier:
     Attributes:
         model: Keras model: input (n, d) standardized features -> {"embedding", "head_i"}.
         input_scaler: StandardScaler fit on the training rows' backbone features.
-        label_columns: label column per head, in head order.
-        classes: per head, class names by index.
+        label_space: the heads and how they map to label columns, taxonomy and tags.
         history: per-epoch training curves, JSON-ready.
         metrics: validation metrics, JSON-ready.
         train_index: catalog positions used for training.
@@ -93,20 +93,34 @@ class TrainedClassifier:
 
     model: object
     input_scaler: object
-    label_columns: list[str]
-    classes: list[list[str]]
+    label_space: LabelSpace
     history: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     train_index: np.ndarray | None = None
     validation_index: np.ndarray | None = None
 
+    @property
+    def label_columns(self) -> list[str]:
+        """Single-valued label columns; the first is the primary class."""
+        return self.label_space.columns
 
-def build_model(feature_dim: int, class_counts: list[int], config: TrainConfig):
+    @property
+    def classes(self) -> list[list[str]]:
+        """Per label column, class names by index."""
+        return self.label_space.classes
+
+
+def build_model(feature_dim: int, heads: list[HeadSpec], config: TrainConfig):
     """Creates the Keras models.
+
+    Args:
+        feature_dim: backbone feature width.
+        heads: the output heads (softmax or sigmoid), in order.
+        config: hyper-parameters.
 
     Returns:
         ``(model, training_model)``: the same layers. ``model`` (saved in bundles, never
-        compiled) outputs a dict with ``embedding`` (n, 512) and ``head_i`` (n, classes_i);
+        compiled) outputs a dict with ``embedding`` (n, 512) and ``head_i`` (n, width_i);
         ``training_model`` outputs the heads, plus the embedding when the contrastive term
         is on (Keras wants a target and a loss per output).
     """
@@ -117,12 +131,12 @@ def build_model(feature_dim: int, class_counts: list[int], config: TrainConfig):
     hidden = keras.layers.Dropout(config.dropout, name="hidden_dropout")(hidden)
     embedding = keras.layers.Dense(config.embedding_units, activation="relu", name=EMBEDDING_LAYER)(hidden)
     dropped = keras.layers.Dropout(config.dropout, name="embedding_dropout")(embedding)
-    heads = {
-        f"head_{index}": keras.layers.Dense(count, activation="softmax", name=f"head_{index}")(dropped)
-        for index, count in enumerate(class_counts)
+    outputs = {
+        head.name: keras.layers.Dense(len(head.classes), activation=head.kind, name=head.name)(dropped)
+        for head in heads
     }
-    model = keras.Model(inputs, {EMBEDDING_LAYER: embedding, **heads}, name="classifier")
-    training_outputs = {**heads, EMBEDDING_LAYER: embedding} if config.contrastive_weight > 0 else heads
+    model = keras.Model(inputs, {EMBEDDING_LAYER: embedding, **outputs}, name="classifier")
+    training_outputs = {**outputs, EMBEDDING_LAYER: embedding} if config.contrastive_weight > 0 else outputs
     training_model = keras.Model(inputs, training_outputs, name="classifier_training")
     return model, training_model
 
@@ -178,22 +192,28 @@ def train_classifier(
     config: TrainConfig = TrainConfig(),
     *,
     flipped: np.ndarray | None = None,
+    space: LabelSpace | None = None,
+    tags: list[tuple[str, ...]] | None = None,
     verbose: int = 0,
 ) -> TrainedClassifier:
     """Trains the multi-head classifier on catalog features.
 
     Two fits: a *selection* fit on a stratified train split, early-stopped on the held-out
-    validation rows (its validation accuracy is what the bundle reports), then, with
-    ``config.refit_all``, a fresh model trained on every row for the selection fit's best
-    number of epochs (the final model: 10% more data and less dependence on which rows the
-    split held out; on clothing-small it raised test P@6 by about 0.02, see the README).
+    validation rows (its validation metrics are what the bundle reports, and the tag
+    thresholds are tuned on its validation predictions), then, with ``config.refit_all``, a
+    fresh model trained on every row for the selection fit's best number of epochs (the
+    final model: 10% more data and less dependence on which rows the split held out; on
+    clothing-small it raised test P@6 by about 0.02, see the README).
 
     Args:
         features: (n, d) float32 backbone features, catalog order.
-        labels: label column -> n label strings; the first column is the primary class.
+        labels: label column -> n label strings.
         config: hyper-parameters.
         flipped: (n, d) float32 features of the mirrored images, used as extra training rows
             when ``config.flip_augment``.
+        space: the heads to train (taxonomy, tags); default one softmax head per column,
+            the first column primary.
+        tags: per row, its tags (when ``space`` has a tags head).
         verbose: Keras fit verbosity.
 
     Returns:
@@ -202,58 +222,58 @@ def train_classifier(
     Raises:
         TrainingError: too few examples for a stratified split.
     """
-    columns = list(labels)
-    primary = labels[columns[0]]
-    train_index, validation_index = stratified_split(primary, config.validation_fraction, config.seed)
-    classes = [sorted(set(labels[c]), key=str) for c in columns]
-    encoded = [_encode(labels[c], names) for c, names in zip(columns, classes)]
+    space = space or LabelSpace.create(labels)
+    train_index, validation_index = stratified_split(
+        labels[space.primary_column], config.validation_fraction, config.seed
+    )
+    targets = space.encode(labels, tags)
     use_flips = config.flip_augment and flipped is not None
 
     def rows(index):
-        """Features and codes of catalog positions, with their mirrored copies when augmenting."""
+        """Features and targets of catalog positions, with their mirrored copies when augmenting."""
         x = np.concatenate([features[index], flipped[index]]) if use_flips else features[index]
-        codes = [np.concatenate([c[index], c[index]]) if use_flips else c[index] for c in encoded]
-        return x, codes
+        found = {name: np.concatenate([t[index], t[index]]) if use_flips else t[index] for name, t in targets.items()}
+        return x, found
 
-    x_train, train_codes = rows(train_index)
+    x_train, train_targets = rows(train_index)
     scaler = fit_scaler(x_train)
-    validation_codes = [codes[validation_index] for codes in encoded]
+    validation_targets = {name: t[validation_index] for name, t in targets.items()}
     model, fit = _fit(
         transform(scaler, x_train),
-        train_codes,
-        classes,
+        train_targets,
+        space,
         config,
         epochs=config.max_epochs,
-        validation=(transform(scaler, features[validation_index]), validation_codes),
+        validation=(transform(scaler, features[validation_index]), validation_targets),
         verbose=verbose,
     )
     history = {name: [float(v) for v in values] for name, values in fit.history.items()}
-    heads = [f"head_{i}" for i in range(len(columns))]
-    predictions = model.predict(transform(scaler, features[validation_index]), batch_size=1024, verbose=0)
-    metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index)), "heads": {}}
-    for head, column, truth in zip(heads, columns, validation_codes):
-        accuracy = float(np.mean(np.argmax(predictions[head], axis=1) == truth))
-        metrics["heads"][column] = {"validation_accuracy": accuracy}
+    outputs = model.predict(transform(scaler, features[validation_index]), batch_size=1024, verbose=0)
+    metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index))}
+    metrics.update(validation_metrics(space, outputs, {c: [labels[c][i] for i in validation_index] for c in labels}))
+    if space.tags_column is not None:
+        metrics["tags"] = space.tune_thresholds(
+            validation_targets[_tags_head(space).name], outputs[_tags_head(space).name]
+        )
     metrics["epochs_run"] = len(history.get("loss", []))
-    losses = history.get(f"val_{heads[0]}_loss") or []
+    losses = history.get(f"val_{space.primary_head.name}_loss") or []
     metrics["best_validation_loss"] = float(min(losses)) if losses else None
     metrics["best_epoch"] = fit.best_epoch
     metrics["config"] = asdict(config)
 
     if config.refit_all and metrics["best_epoch"]:
         all_index = np.arange(len(features))
-        x_all, all_codes = rows(all_index)
+        x_all, all_targets = rows(all_index)
         scaler = fit_scaler(x_all)
         model, refit = _fit(
-            transform(scaler, x_all), all_codes, classes, config, epochs=metrics["best_epoch"], verbose=verbose
+            transform(scaler, x_all), all_targets, space, config, epochs=metrics["best_epoch"], verbose=verbose
         )
         history.update({f"refit_{name}": [float(v) for v in values] for name, values in refit.history.items()})
         metrics["refit_rows"] = int(len(all_index))
     return TrainedClassifier(
         model=model,
         input_scaler=scaler,
-        label_columns=columns,
-        classes=classes,
+        label_space=space,
         history=history,
         metrics=metrics,
         train_index=train_index,
@@ -261,16 +281,52 @@ def train_classifier(
     )
 
 
-def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None, verbose: int = 0):
+def _tags_head(space: LabelSpace) -> HeadSpec:
+    return next(head for head in space.heads if head.kind == "sigmoid")
+
+
+def validation_metrics(space: LabelSpace, outputs: dict[str, np.ndarray], truth: dict[str, list[str]]) -> dict:
+    """Per-column accuracy of the (consistent) predictions, and the hierarchy's path score.
+
+    Args:
+        space: the label space.
+        outputs: head name -> (n, width) model outputs.
+        truth: label column -> n true labels.
+
+    Returns:
+        ``{"heads": {column: {"validation_accuracy"}}, "hierarchy": {...}}`` (the latter only
+        with a taxonomy: ``path_score`` is the mean number of correct levels per row, one
+        point per level as the original comparison counted it; ``path_accuracy`` the share of
+        rows with every level right).
+    """
+    predicted = space.predict(outputs)
+    correct = {}
+    for column, (codes, _) in predicted.items():
+        names = space.classes_of(column)
+        correct[column] = np.array([names[c] == t for c, t in zip(codes, truth[column])], bool)
+    found = {"heads": {c: {"validation_accuracy": float(np.mean(correct[c]))} for c in space.columns}}
+    if space.taxonomy:
+        levels = np.stack([correct[level] for level in space.taxonomy.levels], axis=1)
+        found["hierarchy"] = {
+            "mode": space.hierarchy_mode,
+            "levels": list(space.taxonomy.levels),
+            "path_score": float(levels.sum(axis=1).mean()),
+            "path_score_max": len(space.taxonomy.levels),
+            "path_accuracy": float(levels.all(axis=1).mean()),
+        }
+    return found
+
+
+def _fit(x, targets, space: LabelSpace, config: TrainConfig, *, epochs: int, validation=None, verbose: int = 0):
     """Builds a fresh seeded model and trains it; with ``validation``, early-stops on it.
 
     Args:
         x: (n, d) float32 standardized training features.
-        codes: per head, (n,) class indices.
-        classes: per head, class names.
+        targets: head name -> (n,) class indices (softmax) or (n, tags) multi-hot (sigmoid).
+        space: the heads.
         config: hyper-parameters.
         epochs: epochs to train (the maximum, with early stopping).
-        validation: ``(x, codes)`` of held-out rows, or None.
+        validation: ``(x, targets)`` of held-out rows, or None.
         verbose: Keras fit verbosity.
 
     Returns:
@@ -279,10 +335,15 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
     import keras
 
     keras.utils.set_random_seed(config.seed)
-    model, training_model = build_model(x.shape[1], [len(c) for c in classes], config)
-    heads = [f"head_{i}" for i in range(len(classes))]
-    losses = {h: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing) for h in heads}
-    loss_weights = {h: 1.0 for h in heads}
+    model, training_model = build_model(x.shape[1], space.heads, config)
+    primary = space.primary_head.name
+    losses = {
+        head.name: keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing)
+        if head.kind == "softmax"
+        else keras.losses.BinaryCrossentropy()
+        for head in space.heads
+    }
+    loss_weights = {head.name: 1.0 for head in space.heads}
     contrastive = config.contrastive_weight > 0
     if contrastive:
         losses[EMBEDDING_LAYER] = supervised_contrastive_loss(config.contrastive_temperature)
@@ -291,21 +352,32 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
         optimizer=keras.optimizers.Adam(config.learning_rate),
         loss=losses,
         loss_weights=loss_weights,
-        metrics={h: ["accuracy"] for h in heads},
+        metrics={head.name: ["accuracy"] for head in space.heads if head.kind == "softmax"},
     )
 
-    def targets(head_codes):
-        found = {h: keras.utils.to_categorical(t, len(c)) for h, t, c in zip(heads, head_codes, classes)}
+    def encoded(head_targets):
+        found = {
+            head.name: keras.utils.to_categorical(head_targets[head.name], len(head.classes))
+            if head.kind == "softmax"
+            else head_targets[head.name]
+            for head in space.heads
+        }
         if contrastive:  # SupCon's positives are rows of the same primary class
-            found[EMBEDDING_LAYER] = head_codes[0].astype(np.float32)
+            found[EMBEDDING_LAYER] = head_targets[primary].astype(np.float32)
         return found
 
-    def balanced_weights(head_codes):
+    def balanced_weights(head_targets):
         if not config.balance_classes:
             return None
-        found = {h: compute_sample_weight("balanced", t).astype(np.float32) for h, t in zip(heads, head_codes)}
+        rows = len(head_targets[primary])
+        found = {
+            head.name: compute_sample_weight("balanced", head_targets[head.name]).astype(np.float32)
+            if head.kind == "softmax"
+            else np.ones(rows, np.float32)
+            for head in space.heads
+        }
         if contrastive:
-            found[EMBEDDING_LAYER] = found[heads[0]]
+            found[EMBEDDING_LAYER] = found[primary]
         return found
 
     # Lets a fault-injection test pause (and kill) the job in the middle of training.
@@ -315,13 +387,13 @@ def _fit(x, codes, classes, config: TrainConfig, *, epochs: int, validation=None
         # Validation rows are weighted like training rows, so early stopping judges every class
         # equally too. It watches the primary head only: the total loss also holds the
         # contrastive term, whose scale depends on the batch composition.
-        validation_data = (validation[0], targets(validation[1]), balanced_weights(validation[1]))
-        best = _early_stopping_class()(heads[0], config.stop_on, config.patience)
+        validation_data = (validation[0], encoded(validation[1]), balanced_weights(validation[1]))
+        best = _early_stopping_class()(primary, config.stop_on, config.patience)
         callbacks.append(best)
     fit = training_model.fit(
         x,
-        targets(codes),
-        sample_weight=balanced_weights(codes),
+        encoded(targets),
+        sample_weight=balanced_weights(targets),
         validation_data=validation_data,
         batch_size=config.batch_size,
         epochs=epochs,
@@ -372,57 +444,61 @@ def _early_stopping_class():
     return BestEpoch
 
 
-def _encode(values: list[str], names: list[str]) -> np.ndarray:
-    lookup = {name: i for i, name in enumerate(names)}
-    return np.array([lookup[v] for v in values])
-
-
 class ClassifierRunner:
     """Runs a trained model for inference through one compiled call (no ``model.predict``).
 
     Args:
         model: the Keras classifier.
         input_scaler: StandardScaler of the backbone features.
-        head_count: number of softmax heads.
+        head_names: the model's head outputs (``head_i``), in order.
     """
 
-    def __init__(self, model, input_scaler, head_count: int):
+    def __init__(self, model, input_scaler, head_names: list[str]):
         import tensorflow as tf
 
         self.model = model
         self.input_scaler = input_scaler
-        self.head_count = head_count
+        self.head_names = list(head_names)
         width = int(model.inputs[0].shape[-1])
 
-        @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)], reduce_retracing=True)
+        # autograph=False: the body is one plain call, and autograph's source inspection of
+        # this closure only produces warnings.
+        @tf.function(input_signature=[tf.TensorSpec([None, width], tf.float32)], reduce_retracing=True, autograph=False)
         def forward(batch):
             return model(batch, training=False)
 
         self._forward = forward
 
-    def run(self, features: np.ndarray, flipped: np.ndarray | None = None, batch_size: int = 4096):
+    def run(
+        self, features: np.ndarray, flipped: np.ndarray | None = None, batch_size: int = 4096
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Embeds backbone features and predicts every head.
 
         Args:
             features: (n, d) float32 backbone features.
             flipped: (n, d) float32 features of the mirrored images; when given, the result
-                is the mean of both views (flip-averaged).
+                is the mean of both views (flip-averaged), computed in the same call.
             batch_size: rows per compiled call.
 
         Returns:
-            ``((n, 512) float32 embeddings, [(n, classes_i) float32 probabilities per head])``.
+            ``((n, 512) float32 embeddings, {head name: (n, width) float32 outputs})``.
         """
-        views = [features] if flipped is None else [features, flipped]
-        embeddings, heads = [], [[] for _ in range(self.head_count)]
-        for start in range(0, len(features), batch_size):
-            outputs = [self._forward(transform(self.input_scaler, v[start : start + batch_size])) for v in views]
-            embeddings.append(np.mean([o[EMBEDDING_LAYER].numpy() for o in outputs], axis=0))
-            for i in range(self.head_count):
-                heads[i].append(np.mean([o[f"head_{i}"].numpy() for o in outputs], axis=0))
         width = int(self.model.get_layer(EMBEDDING_LAYER).units)
+        embeddings, heads = [], {name: [] for name in self.head_names}
+        step = batch_size if flipped is None else max(1, batch_size // 2)
+        for start in range(0, len(features), step):
+            part = features[start : start + step]
+            rows = len(part)
+            batch = part if flipped is None else np.concatenate([part, flipped[start : start + step]])
+            outputs = self._forward(transform(self.input_scaler, batch))
+            for name, target in ((EMBEDDING_LAYER, embeddings), *((n, heads[n]) for n in self.head_names)):
+                values = outputs[name].numpy()
+                target.append(values if flipped is None else (values[:rows] + values[rows:]) / 2)
         if not embeddings:
-            return np.zeros((0, width), np.float32), [np.zeros((0, 0), np.float32) for _ in range(self.head_count)]
+            return np.zeros((0, width), np.float32), {
+                name: np.zeros((0, int(self.model.get_layer(name).units)), np.float32) for name in self.head_names
+            }
         return (
             np.concatenate(embeddings).astype(np.float32),
-            [np.concatenate(h).astype(np.float32) for h in heads],
+            {name: np.concatenate(values).astype(np.float32) for name, values in heads.items()},
         )

@@ -67,6 +67,31 @@ def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) 
         help="label column, repeatable: one head each; the first is the primary class (default: label)",
     )
     parser.add_argument(
+        "--hierarchy",
+        default=None,
+        metavar="A>B>C",
+        help="label columns from root to leaf forming a taxonomy, e.g. masterCategory>subCategory>articleType; "
+        "predictions always follow a path that occurs in the catalog (levels not given with --label-column are added)",
+    )
+    parser.add_argument(
+        "--hierarchy-mode",
+        choices=("hierarchical", "combined"),
+        default=defaults.hierarchy_mode,
+        help="hierarchical: one head per level; combined: one head over full paths (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tags-column", default=None, help="column with several tags per product (one multi-label sigmoid head)"
+    )
+    parser.add_argument(
+        "--tags-separator", default=defaults.tags_separator, help="separator of tags in one cell (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tag-thresholds",
+        choices=("global", "per_tag"),
+        default=defaults.tag_threshold_mode,
+        help="tune one threshold for all tags, or one per tag with enough examples (default: %(default)s)",
+    )
+    parser.add_argument(
         "--split",
         action="append",
         dest="splits",
@@ -120,15 +145,24 @@ def build_config_from_args(args: argparse.Namespace):
     """Resolves build flags into one :class:`BuildConfig` (the only place flags are read)."""
     from recommender.backbones import BackboneSpec
     from recommender.config import BuildConfig
+    from recommender.labels import parse_hierarchy
 
     defaults = BuildConfig()
+    hierarchy = parse_hierarchy(args.hierarchy) if args.hierarchy else None
+    # With a hierarchy and no --label-column, the hierarchy's levels are the label columns.
+    label_columns = list(args.label_columns or (hierarchy or ("label",)))
     spec = BackboneSpec(name=args.backbone, weights=args.weights, input_size=args.image_size or 224, seed=args.seed)
     train = replace(defaults.train, seed=args.seed, **({"max_epochs": args.epochs} if args.epochs else {}))
     return replace(
         defaults,
         image_column=args.image_column,
         id_column=args.id_column,
-        label_columns=tuple(args.label_columns or ("label",)),
+        label_columns=tuple(label_columns),
+        hierarchy=hierarchy,
+        hierarchy_mode=args.hierarchy_mode,
+        tags_column=args.tags_column,
+        tags_separator=args.tags_separator,
+        tag_threshold_mode=args.tag_thresholds,
         split_column=args.split_column,
         splits=tuple(args.splits) if args.splits else None,
         backbone=spec,
@@ -169,6 +203,21 @@ def make_parser() -> argparse.ArgumentParser:
     query.add_argument("--bundle", required=True, type=Path, help="bundle folder")
     query.add_argument("--k", type=int, default=6, help="neighbours per image, 1..100 (default: 6)")
     query.add_argument("--include-self", action="store_true", help="keep a catalog item among its own neighbours")
+    query.add_argument(
+        "--filter",
+        action="append",
+        dest="filters",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="only neighbours with this label value or tag; repeatable (AND across columns, OR within one)",
+    )
+    query.add_argument(
+        "--match-predicted",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="only neighbours with the image's predicted value of this label column; repeatable",
+    )
     query.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s)")
 
     rebuild = commands.add_parser(
@@ -344,6 +393,20 @@ def _run_build(args: argparse.Namespace) -> int:
         f"validation accuracy: {heads}; {report.seconds.get('total', 0):.1f} s",
         file=sys.stderr,
     )
+    if "hierarchy" in report.metrics:
+        found = report.metrics["hierarchy"]
+        print(
+            f"hierarchy ({found['mode']}): path score {found['path_score']:.3f} of {found['path_score_max']}, "
+            f"every level right {found['path_accuracy']:.3f}",
+            file=sys.stderr,
+        )
+    if "tags" in report.metrics:
+        found = report.metrics["tags"]
+        print(
+            f"tags: validation micro-F1 {found['validation_micro_f1_tuned']:.3f} with tuned thresholds "
+            f"({found['mode']}), {found['validation_micro_f1_at_0.5']:.3f} at 0.5",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             {
@@ -366,11 +429,21 @@ def _run_query(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= MAX_K:
         print(f"error: --k must be from 1 to {MAX_K}, got {args.k}", file=sys.stderr)
         return EXIT_USAGE
+    from recommender.filters import parse_filters
+
+    filters = parse_filters(args.filters, "=")
     recommender = load_bundle(args.bundle)
     failed = 0
     for image in args.images:
         try:
-            answer = recommender.query(image, k=args.k, exclude_self=not args.include_self, name=image)
+            answer = recommender.query(
+                image,
+                k=args.k,
+                exclude_self=not args.include_self,
+                name=image,
+                filters=filters,
+                match_predicted=args.match_predicted,
+            )
         except InvalidImageError as error:
             failed += 1
             print(f"error: {image}: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ from pathlib import Path
 from recommender.backbones import BackboneSpec
 from recommender.classifier import TrainConfig
 from recommender.images import DEFAULT_MAX_PIXELS
+from recommender.labels import DEFAULT_HIERARCHY_MODE, DEFAULT_THRESHOLD_MODE
 
 
 def default_feature_store() -> Path:
@@ -24,7 +25,14 @@ class BuildConfig:
     Attributes:
         image_column: CSV column with image paths (relative to the CSV's folder).
         id_column: CSV column with product ids; None uses the image path as the id.
-        label_columns: label columns, one head each; the first is the primary class.
+        label_columns: single-valued label columns; the first is the primary class (the
+            hierarchy's leaf level when there is a hierarchy).
+        hierarchy: label columns from root to leaf forming a taxonomy (``a>b>c``), or None.
+        hierarchy_mode: ``hierarchical`` (one head per level, decoded over valid paths) or
+            ``combined`` (one head over full paths).
+        tags_column: a column with several tags per product (one sigmoid head), or None.
+        tags_separator: separator of the tags in one cell.
+        tag_threshold_mode: ``global`` (one tuned threshold) or ``per_tag``.
         split_column: CSV column naming each row's split (used with ``splits``).
         splits: keep only rows of these splits (e.g. train, validation); None keeps all.
         backbone: backbone name, weights, input size and init seed.
@@ -44,6 +52,11 @@ class BuildConfig:
     image_column: str = "file"
     id_column: str | None = None
     label_columns: tuple[str, ...] = ("label",)
+    hierarchy: tuple[str, ...] | None = None
+    hierarchy_mode: str = DEFAULT_HIERARCHY_MODE
+    tags_column: str | None = None
+    tags_separator: str = "|"
+    tag_threshold_mode: str = DEFAULT_THRESHOLD_MODE
     split_column: str = "split"
     splits: tuple[str, ...] | None = None
     backbone: BackboneSpec = field(default_factory=BackboneSpec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,17 @@ class Recommender:
         path: the bundle folder.
         manifest: the verified manifest.
         bundle_id: the bundle's id.
-        rows: catalog rows (dicts with id, image, path, sha256, labels, extra), FAISS order.
-        label_columns: label column per head; the first is the primary class.
-        classes: per head, class names by index.
+        rows: catalog rows (dicts with id, image, path, sha256, labels, extra and, with a
+            tags column, tags), FAISS order.
+        label_space: heads, taxonomy and tags of the classifier.
+        label_columns: single-valued label columns; the first is the primary class.
+        classes: per label column, class names by index.
+        attributes: which catalog items hold which label value or tag (for filters).
     """
 
-    def __init__(self, path: Path, manifest: dict, backbone, runner, embedding_scaler, index, rows, labels):
+    def __init__(self, path: Path, manifest: dict, backbone, runner, embedding_scaler, index, rows, label_space):
+        from recommender.filters import AttributeIndex
+
         self.path = path
         self.manifest = manifest
         self.bundle_id = manifest["bundle_id"]
@@ -47,8 +53,10 @@ class Recommender:
         self.embedding_scaler = embedding_scaler
         self.index = index
         self.rows = rows
-        self.label_columns = labels["columns"]
-        self.classes = labels["classes"]
+        self.label_space = label_space
+        self.label_columns = label_space.columns
+        self.classes = label_space.classes
+        self.attributes = AttributeIndex(rows, label_space.columns, label_space.tags_column)
         self.flip_average = bool(manifest["embedding"].get("flip_average"))
         self.max_pixels = int(manifest.get("max_pixels", 40_000_000))
         self._by_id = {row["id"]: position for position, row in enumerate(rows)}
@@ -57,25 +65,49 @@ class Recommender:
             self._by_hash.setdefault(row["sha256"], []).append(position)
 
     # -- embedding ---------------------------------------------------------------------
-    def embed_images(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    def embed_outputs(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Embeds decoded images.
 
         Args:
             images: (n, s, s, 3) uint8 from ``load_image``.
 
         Returns:
-            ``((n, 512) float32 standardized embeddings, per head (n, classes) probabilities)``.
+            ``((n, 512) float32 standardized embeddings, {head name: (n, width) outputs})``.
         """
         from recommender.scalers import transform
 
-        features = self.backbone.extract(images)
-        flipped = self.backbone.extract(images[:, :, ::-1]) if self.flip_average else None
-        embeddings, probabilities = self.runner.run(features, flipped)
-        return transform(self.embedding_scaler, embeddings), probabilities
+        if self.flip_average:  # both views in one backbone call
+            both = self.backbone.extract(np.concatenate([images, images[:, :, ::-1]]))
+            features, flipped = both[: len(images)], both[len(images) :]
+        else:
+            features, flipped = self.backbone.extract(images), None
+        embeddings, outputs = self.runner.run(features, flipped)
+        return transform(self.embedding_scaler, embeddings), outputs
+
+    def embed_images(self, images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Embeds decoded images and gives each label column's class probabilities.
+
+        Args:
+            images: (n, s, s, 3) uint8 from ``load_image``.
+
+        Returns:
+            ``((n, 512) float32 standardized embeddings, per label column (n, classes)
+            probabilities)``; hierarchy levels are the consistent (valid-path) marginals.
+        """
+        embeddings, outputs = self.embed_outputs(images)
+        by_column = self.label_space.column_probabilities(outputs)
+        return embeddings, [by_column[column].astype(np.float32) for column in self.label_columns]
 
     # -- queries -----------------------------------------------------------------------
     def query(
-        self, image: ImageSource | ImageBytes, k: int = DEFAULT_K, *, exclude_self: bool = True, name: str | None = None
+        self,
+        image: ImageSource | ImageBytes,
+        k: int = DEFAULT_K,
+        *,
+        exclude_self: bool = True,
+        name: str | None = None,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
+        match_predicted: Sequence[str] = (),
     ) -> dict:
         """Predicts the labels of one image and finds its ``k`` nearest catalog items.
 
@@ -84,76 +116,148 @@ class Recommender:
             k: number of neighbours, 1..100.
             exclude_self: leave out catalog items with the same content hash as the image.
             name: what to report as ``"image"`` (default: the path, or None for bytes).
+            filters: only neighbours with these attribute values: ``{column: value or
+                values}`` over label columns and the tags column (AND across columns, OR
+                within one).
+            match_predicted: label columns whose *predicted* value the neighbours must have
+                (e.g. ``["gender"]``: search within the predicted gender).
 
         Returns:
             ``{"image", "predicted": {column: {"label", "probability"}}, "neighbors": [...]}``
-            with neighbours nearest first (see :meth:`neighbors`).
+            with neighbours nearest first (see :meth:`_neighbors`); with a hierarchy also
+            ``"hierarchy"`` (the predicted path), with tags ``"tags"`` (those above their
+            threshold), with filters ``"filter"`` (what was applied, how many catalog items
+            match, and whether k were found).
 
         Raises:
             InvalidImageError: the image cannot be read.
-            QueryError: ``k`` out of range.
+            QueryError: ``k`` out of range, or a bad filter.
         """
-        return self.query_many([image], k, exclude_self=exclude_self, names=[name])[0]
+        return self.query_many(
+            [image], k, exclude_self=exclude_self, names=[name], filters=filters, match_predicted=match_predicted
+        )[0]
 
     def query_many(
-        self, images: list, k: int = DEFAULT_K, *, exclude_self: bool = True, names: list | None = None
+        self,
+        images: list,
+        k: int = DEFAULT_K,
+        *,
+        exclude_self: bool = True,
+        names: list | None = None,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
+        match_predicted: Sequence[str] = (),
     ) -> list[dict]:
         """Like :meth:`query` for several images, in one batched forward pass and search.
 
         Raises:
             InvalidImageError: the first image that cannot be read.
+            QueryError: ``k`` out of range, or a bad filter.
         """
         _check_k(k)
+        filters, match_predicted = self._check_filters(filters, match_predicted)
         raws = [image if isinstance(image, ImageBytes) else read_image_bytes(image) for image in images]
         decoded = np.stack([load_image(raw, self.backbone.input_size, max_pixels=self.max_pixels) for raw in raws])
-        embeddings, probabilities = self.embed_images(decoded)
+        embeddings, outputs = self.embed_outputs(decoded)
         names = names or [None] * len(images)
-        answers = []
         excluded_lists = [self._by_hash.get(raw.sha256, []) if exclude_self else [] for raw in raws]
-        widest = max(len(e) for e in excluded_lists)
-        result = self.index.search(embeddings, k + widest)
+        filtered = bool(filters or match_predicted)
+        if not filtered:
+            widest = max(len(e) for e in excluded_lists)
+            result = self.index.search(embeddings, k + widest)
+        answers = []
         for i, image in enumerate(images):
             label = (
                 names[i] if names[i] is not None else (str(image) if isinstance(image, (str, os.PathLike)) else None)
             )
-            answers.append(
-                {
-                    "image": label,
-                    "predicted": self._predicted([p[i] for p in probabilities]),
-                    "neighbors": self._neighbors(result.positions[i], result.distances[i], set(excluded_lists[i]), k),
-                }
-            )
+            answer = {"image": label, **self.label_space.describe(outputs, i)}
+            if filtered:
+                applied = dict(filters)
+                for column in match_predicted:
+                    applied[column] = [answer["predicted"][column]["label"]]
+                answer["neighbors"], answer["filter"] = self._filtered(embeddings[i], applied, excluded_lists[i], k)
+            else:
+                answer["neighbors"] = self._neighbors(
+                    result.positions[i], result.distances[i], set(excluded_lists[i]), k
+                )
+            answers.append(answer)
         return answers
 
-    def similar_to_item(self, item_id: str, k: int = DEFAULT_K) -> dict:
+    def similar_to_item(
+        self, item_id: str, k: int = DEFAULT_K, *, filters: Mapping[str, str | Sequence[str]] | None = None
+    ) -> dict:
         """Neighbours of a catalog item from its stored embedding (no decoding, no forward pass).
+
+        Args:
+            item_id: a catalog id.
+            k: number of neighbours, 1..100.
+            filters: as in :meth:`query`.
+
+        Returns:
+            ``{"id", "labels", "neighbors"}`` (and ``"tags"``, ``"filter"`` when they apply).
 
         Raises:
             KeyError: unknown id.
-            QueryError: ``k`` out of range.
+            QueryError: ``k`` out of range, or a bad filter.
         """
         _check_k(k)
+        filters, _ = self._check_filters(filters, ())
         position = self._by_id[item_id]
         row = self.rows[position]
-        excluded = set(self._by_hash.get(row["sha256"], [position]))
-        vector = self.index.reconstruct(position)[None, :]
-        result = self.index.search(vector, k + len(excluded))
-        return {
-            "id": item_id,
-            "labels": row["labels"],
-            "neighbors": self._neighbors(result.positions[0], result.distances[0], excluded, k),
-        }
+        excluded = self._by_hash.get(row["sha256"], [position])
+        vector = self.index.reconstruct(position)
+        answer = {"id": item_id, "labels": row["labels"]}
+        if "tags" in row:
+            answer["tags"] = row["tags"]
+        if filters:
+            answer["neighbors"], answer["filter"] = self._filtered(vector, filters, excluded, k)
+        else:
+            result = self.index.search(vector[None, :], k + len(excluded))
+            answer["neighbors"] = self._neighbors(result.positions[0], result.distances[0], set(excluded), k)
+        return answer
 
     def item(self, item_id: str) -> dict:
         """The catalog row of an id (KeyError when unknown)."""
         return self.rows[self._by_id[item_id]]
 
-    def _predicted(self, probabilities: list[np.ndarray]) -> dict:
-        predicted = {}
-        for column, names, probs in zip(self.label_columns, self.classes, probabilities):
-            best = int(np.argmax(probs))
-            predicted[column] = {"label": names[best], "probability": float(probs[best])}
-        return predicted
+    def _check_filters(self, filters, match_predicted) -> tuple[dict[str, list[str]], list[str]]:
+        """Normalises filters to ``{column: [values]}`` and checks them (QueryError when bad)."""
+        normal = {}
+        for column, values in (filters or {}).items():
+            normal[column] = [values] if isinstance(values, str) else list(values)
+        if normal:
+            self.attributes.mask(normal)  # raises QueryError naming an unknown column or value
+        match_predicted = list(dict.fromkeys(match_predicted or ()))
+        for column in match_predicted:
+            if column not in self.label_columns:
+                raise QueryError(
+                    f"match_predicted column {column!r} is not a predicted label column "
+                    f"(the bundle predicts: {', '.join(self.label_columns)})"
+                )
+            if column in normal:
+                raise QueryError(f"column {column!r} is given both as a filter and in match_predicted; choose one")
+        return normal, match_predicted
+
+    def _filtered(self, vector: np.ndarray, filters: dict, excluded: list[int], k: int) -> tuple[list[dict], dict]:
+        """Nearest neighbours among the catalog items matching ``filters``, and the filter report.
+
+        Exact (what brute force over the matching items returns) on a flat index, and on an
+        HNSW index when at most ``index.exact_scan_up_to`` items match; above that the HNSW
+        graph is walked with the filter, approximate like an unfiltered HNSW search.
+        """
+        allowed = self.attributes.mask(filters)
+        matching = int(allowed.sum())
+        if excluded:
+            allowed = allowed.copy()
+            allowed[excluded] = False
+        result = self.index.search(vector[None, :].astype(np.float32), k, allowed=allowed)
+        neighbors = self._neighbors(result.positions[0], result.distances[0], set(), k)
+        report = {"applied": filters, "matching_items": matching, "complete": len(neighbors) == k}
+        if len(neighbors) < k:
+            report["note"] = (
+                f"only {len(neighbors)} catalog item{'s' if len(neighbors) != 1 else ''} "
+                f"match{'es' if len(neighbors) == 1 else ''} the filter (asked for {k})"
+            )
+        return neighbors, report
 
     def _neighbors(self, positions: np.ndarray, distances: np.ndarray, excluded: set[int], k: int) -> list[dict]:
         found = []
@@ -161,7 +265,10 @@ class Recommender:
             if position < 0 or int(position) in excluded:
                 continue
             row = self.rows[int(position)]
-            found.append({"id": row["id"], "distance": float(distance), "labels": row["labels"], "image": row["image"]})
+            neighbor = {"id": row["id"], "distance": float(distance), "labels": row["labels"], "image": row["image"]}
+            if "tags" in row:
+                neighbor["tags"] = row["tags"]
+            found.append(neighbor)
             if len(found) == k:
                 break
         return found
@@ -200,10 +307,9 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
             f"({manifest['backbone']['identity']}); rebuild the bundle or supply the same weights"
         )
     classifier, embedding_scaler = read_classifier(path, manifest)
-    labels = {"columns": classifier.label_columns, "classes": classifier.classes}
     index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu)
     rows = read_catalog_rows(path, manifest["counts"]["items"])
     if index.size != len(rows):
         raise BundleError(f"{path}: index has {index.size} vectors for {len(rows)} catalog rows")
-    runner = ClassifierRunner(classifier.model, classifier.input_scaler, len(labels["columns"]))
-    return Recommender(path, manifest, backbone, runner, embedding_scaler, index, rows, labels)
+    runner = ClassifierRunner(classifier.model, classifier.input_scaler, [h.name for h in classifier.label_space.heads])
+    return Recommender(path, manifest, backbone, runner, embedding_scaler, index, rows, classifier.label_space)

@@ -216,6 +216,18 @@ class ExtractionResult:
     bad_rows: list[BadRow]
     extracted: int
 
+    def subset(self, positions: list[int]) -> ExtractionResult:
+        """The result restricted to some rows (by position), in the given order."""
+        index = np.asarray(positions, np.int64)
+        return ExtractionResult(
+            rows=[self.rows[i] for i in positions],
+            hashes=[self.hashes[i] for i in positions],
+            features=self.features[index],
+            flipped=None if self.flipped is None else self.flipped[index],
+            bad_rows=list(self.bad_rows),
+            extracted=self.extracted,
+        )
+
 
 def hash_rows(rows: list[CatalogRow]) -> tuple[list[CatalogRow], list[str], list[BadRow]]:
     """Reads every row's image bytes once to get its sha256 (cheap next to decoding)."""

@@ -6,6 +6,11 @@ separates the six patterns with 0.95 accuracy at 128 px), so an offline demo on 
 honest about what it shows. Each image is one T-shirt silhouette with one pattern (the
 ``label`` column) in one colour (the ``colour`` column), with random size, offset, pattern
 phase and spacing, background tint and pixel noise, written as JPEG.
+
+The catalog also carries a known three-level taxonomy, ``department > family > label``
+(:data:`PATTERN_TAXONOMY`), and multi-label ``tags`` that follow from what is drawn
+(:data:`COLOUR_TAGS`, :data:`PATTERN_TAGS`: one to three tags per product), for the
+hierarchy and multi-label features and their tests.
 """
 
 from __future__ import annotations
@@ -24,6 +29,42 @@ COLOURS = {
     "yellow": (230, 200, 30),
     "black": (25, 25, 25),
 }
+
+
+#: pattern -> (department, family): the taxonomy department > family > label.
+PATTERN_TAXONOMY = {
+    "plain": ("basics", "solid"),
+    "stripes": ("prints", "lines"),
+    "grid": ("prints", "lines"),
+    "diagonal": ("prints", "lines"),
+    "dots": ("prints", "shapes"),
+    "checks": ("prints", "shapes"),
+}
+
+#: Tags that follow from the colour and from the pattern.
+COLOUR_TAGS = {
+    "red": ("warm",),
+    "green": ("cool",),
+    "blue": ("cool",),
+    "yellow": ("warm", "bright"),
+    "black": ("dark",),
+}
+PATTERN_TAGS = {
+    "plain": (),
+    "stripes": ("striped",),
+    "grid": ("lined",),
+    "diagonal": ("striped", "lined"),
+    "dots": ("dotted",),
+    "checks": ("checked",),
+}
+
+#: Columns of a generated catalog.
+CATALOG_COLUMNS = ["id", "file", "label", "colour", "department", "family", "tags", "title"]
+
+
+def product_tags(pattern: str, colour: str) -> tuple[str, ...]:
+    """The sorted tags of a product with this pattern and colour."""
+    return tuple(sorted(set(COLOUR_TAGS[colour]) | set(PATTERN_TAGS[pattern])))
 
 
 def _tshirt(size: int, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -83,7 +124,7 @@ def generate_catalog(
     size: int = 96,
     seed: int = 0,
 ) -> Path:
-    """Writes images and ``catalog.csv`` (columns id,file,label,colour,title) into ``folder``.
+    """Writes images and ``catalog.csv`` (:data:`CATALOG_COLUMNS`; tags joined by ``|``) into ``folder``.
 
     Args:
         folder: output folder (created).
@@ -108,10 +149,22 @@ def generate_catalog(
                 relative = f"images/{item_id}.jpg"
                 draw_product(pattern, COLOURS[colour], size, rng).save(folder / relative, quality=92)
                 title = f"{colour.title()} {pattern} T-shirt #{number + 1}"
-                records.append({"id": item_id, "file": relative, "label": pattern, "colour": colour, "title": title})
+                department, family = PATTERN_TAXONOMY[pattern]
+                records.append(
+                    {
+                        "id": item_id,
+                        "file": relative,
+                        "label": pattern,
+                        "colour": colour,
+                        "department": department,
+                        "family": family,
+                        "tags": "|".join(product_tags(pattern, colour)),
+                        "title": title,
+                    }
+                )
     catalog = folder / "catalog.csv"
     with open(catalog, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "file", "label", "colour", "title"])
+        writer = csv.DictWriter(handle, fieldnames=CATALOG_COLUMNS)
         writer.writeheader()
         writer.writerows(records)
     return catalog

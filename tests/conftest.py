@@ -93,6 +93,49 @@ def engine(tiny_bundle):
     return load_bundle(tiny_bundle)
 
 
+def attribute_build_config(feature_store: Path, hierarchy_mode: str = "hierarchical"):
+    """The tiny bundle's settings plus the generated catalog's taxonomy and tags.
+
+    Columns: ``label`` (primary: the taxonomy's leaf), ``colour``, and the hierarchy
+    ``department > family > label``; tags from the ``tags`` column (one sigmoid head).
+    """
+    return replace(
+        tiny_build_config(feature_store),
+        label_columns=("label", "colour"),
+        hierarchy=ATTRIBUTE_HIERARCHY,
+        hierarchy_mode=hierarchy_mode,
+        tags_column="tags",
+    )
+
+
+ATTRIBUTE_HIERARCHY = ("department", "family", "label")
+
+
+@pytest.fixture(scope="session")
+def attribute_build(generated_catalog, session_store, tmp_path_factory):
+    """A bundle of the generated catalog with hierarchy and tags (features come from the
+    session store, so this costs one training); returns ``(bundle path, BuildReport)``."""
+    from indexer.build import build_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "attributes"
+    report = build_bundle(generated_catalog, out, attribute_build_config(session_store))
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def attribute_bundle(attribute_build) -> Path:
+    """Path of the session's hierarchy + tags bundle (do not modify it)."""
+    return attribute_build[0]
+
+
+@pytest.fixture(scope="session")
+def attribute_engine(attribute_bundle):
+    """The hierarchy + tags bundle loaded once as a query engine."""
+    from recommender.engine import load_bundle
+
+    return load_bundle(attribute_bundle)
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(engine):
     """The session bundle's backbone (random-init ResNet50 at 64 px)."""

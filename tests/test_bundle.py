@@ -95,3 +95,35 @@ def test_write_is_atomic_and_refuses_to_overwrite(tmp_path):
         write_bundle(out, fill)
     write_bundle(out, fill, overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["files"]["a.txt"]["bytes"] == 1
+
+
+def _rewrite(bundle, name: str, payload) -> None:
+    """Replaces a bundle file and re-signs it in the manifest (a consistent, not a tampered, bundle)."""
+    from recommender.backbones import file_sha256
+
+    path = bundle / name
+    path.write_text(json.dumps(payload))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+    return manifest
+
+
+def test_version_1_bundle_still_loads_and_answers(bundle_copy, engine, generated_catalog):
+    labels = json.loads((bundle_copy / "labels.json").read_text())
+    manifest = _rewrite(bundle_copy, "labels.json", {"columns": labels["columns"], "classes": labels["classes"]})
+    manifest["format_version"] = 1
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    old = load_bundle(bundle_copy)
+    image = next(generated_catalog.parent.glob("images/*.jpg"))
+    assert old.query(image) == {**engine.query(image)}
+    assert [h.name for h in old.label_space.heads] == ["head_0", "head_1"]
+
+
+def test_labels_that_do_not_fit_the_model_are_refused(bundle_copy):
+    labels = json.loads((bundle_copy / "labels.json").read_text())
+    labels["heads"][0]["classes"] = labels["heads"][0]["classes"][:-1]
+    labels["classes"][0] = labels["classes"][0][:-1]
+    manifest = _rewrite(bundle_copy, "labels.json", labels)
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="head_0 has 3 classes, the model's output has 4"):
+        load_bundle(bundle_copy)

@@ -7,6 +7,7 @@ import pytest
 
 from recommender.classifier import EMBEDDING_LAYER, TrainConfig, build_model, stratified_split, train_classifier
 from recommender.errors import TrainingError
+from recommender.labels import HeadSpec
 
 
 def blobs(n_per_class=30, classes=3, dim=16, seed=0):
@@ -17,14 +18,25 @@ def blobs(n_per_class=30, classes=3, dim=16, seed=0):
     return features, [f"class-{i}" for i in labels]
 
 
+def _heads(*widths, tags: int = 0) -> list[HeadSpec]:
+    heads = [
+        HeadSpec(f"head_{i}", "softmax", "column", f"c{i}", tuple(map(str, range(w)))) for i, w in enumerate(widths)
+    ]
+    if tags:
+        heads.append(HeadSpec(f"head_{len(heads)}", "sigmoid", "tags", "tags", tuple(map(str, range(tags)))))
+    return heads
+
+
 def test_model_layout():
-    model, training_model = build_model(2048, [10, 4], TrainConfig())
+    model, training_model = build_model(2048, _heads(10, 4, tags=5), TrainConfig())
     layer = model.get_layer(EMBEDDING_LAYER)
     assert layer.units == 512 and layer.activation.__name__ == "relu"
     assert model.get_layer("hidden").units == 1024
-    assert set(model.output) == {"embedding", "head_0", "head_1"}
-    assert set(training_model.output) == {"head_0", "head_1", "embedding"}  # SupCon trains the embedding
-    _, heads_only = build_model(2048, [10, 4], TrainConfig(contrastive_weight=0.0))
+    assert set(model.output) == {"embedding", "head_0", "head_1", "head_2"}
+    assert model.get_layer("head_0").activation.__name__ == "softmax"
+    assert model.get_layer("head_2").activation.__name__ == "sigmoid" and model.get_layer("head_2").units == 5
+    assert set(training_model.output) == {"head_0", "head_1", "head_2", "embedding"}  # SupCon trains the embedding
+    _, heads_only = build_model(2048, _heads(10, 4), TrainConfig(contrastive_weight=0.0))
     assert set(heads_only.output) == {"head_0", "head_1"}
 
 

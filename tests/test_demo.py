@@ -17,6 +17,8 @@ def test_demo_builds_queries_and_explains_weights(tmp_path, capsys):
         assert answer["predicted"]["label"]["label"] == expected
         assert len(answer["neighbors"]) == 6
         assert sum(n["labels"]["label"] == expected for n in answer["neighbors"]) >= 4
+        assert answer["hierarchy"]["path"][-1] == expected and "tags" in answer
+    assert "with filter colour=red:" in captured.err
     manifest = json.loads(next(tmp_path.glob("bundle-*/manifest.json")).read_text())
     weights = manifest["backbone"]["identity"]["weights"]
     assert f"weights: {weights}" in captured.err

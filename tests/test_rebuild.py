@@ -18,9 +18,10 @@ from conftest import tiny_build_config
 
 from indexer.rebuild import ArtifactRoot, RebuildConfig, job_lock, rebuild, rollback, status
 from recommender.errors import GateError, JobLockedError, PublishError, TrainingError
+from recommender.synthetic import CATALOG_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-FIELDS = ["id", "file", "label", "colour", "title"]
+FIELDS = CATALOG_COLUMNS
 JOB_FLAGS = ["--id-column", "id", "--label-column", "label", "--label-column", "colour", "--weights", "none"]
 JOB_FLAGS += ["--image-size", "64", "--epochs", "4", "--retrain", "always", "--max-accuracy-drop", "1"]
 
@@ -300,3 +301,30 @@ def test_sigkill_at_any_point_leaves_current_working(photos, tmp_path):
                 theirs["predicted"][column]["probability"], abs=1e-5
             )
         assert [n["id"] for n in mine["neighbors"]] == [n["id"] for n in theirs["neighbors"]]
+
+
+def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
+    """Tags count as labels for the nightly diff, and a new tag or taxonomy path is a new label set."""
+    from indexer.rebuild import decide_retrain, diff_catalog, label_sets
+    from recommender.catalog import CatalogRow
+
+    def row(item_id, tags):
+        return CatalogRow(id=item_id, image=f"{item_id}.jpg", path=tmp_path, labels={"label": "a"}, tags=tags)
+
+    current = [
+        {"id": "x", "sha256": "1", "labels": {"label": "a"}, "tags": ["warm"]},
+        {"id": "y", "sha256": "2", "labels": {"label": "a"}, "tags": []},
+    ]
+    changes = diff_catalog(current, [row("x", ("cool",)), row("y", ())], ["1", "2"])
+    assert changes.relabelled == ["x"] and changes.unchanged == 1
+    before = label_sets({"label": ["a"]}, [("top", "a")], ["warm"])
+    same = label_sets({"label": ["a"]}, [("top", "a")], ["warm"])
+    assert decide_retrain("auto", changes, before, same, 0.9, 2) == (
+        False,
+        "50.0% of the catalog changed (threshold 90%): classifier reused",
+    )
+    for after in (
+        label_sets({"label": ["a"]}, [("top", "a")], ["cool", "warm"]),
+        label_sets({"label": ["a"]}, [("bottom", "a")], ["warm"]),
+    ):
+        assert decide_retrain("auto", changes, before, after, 0.9, 2) == (True, "the label set changed")
