@@ -18,7 +18,7 @@ import numpy as np
 
 from recommender.backbones import BackboneSpec, load_backbone
 from recommender.bundle import read_catalog_rows, read_classifier, verify_bundle
-from recommender.errors import BundleError, QueryError
+from recommender.errors import BundleError, FilterError, QueryError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Recommender:
 
         Raises:
             InvalidImageError: the image cannot be read.
-            QueryError: ``k`` out of range, or a bad filter.
+            QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
         return self.query_many(
             [image], k, exclude_self=exclude_self, names=[name], filters=filters, match_predicted=match_predicted
@@ -151,7 +151,7 @@ class Recommender:
 
         Raises:
             InvalidImageError: the first image that cannot be read.
-            QueryError: ``k`` out of range, or a bad filter.
+            QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
         _check_k(k)
         filters, match_predicted = self._check_filters(filters, match_predicted)
@@ -197,7 +197,7 @@ class Recommender:
 
         Raises:
             KeyError: unknown id.
-            QueryError: ``k`` out of range, or a bad filter.
+            QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
         _check_k(k)
         filters, _ = self._check_filters(filters, ())
@@ -220,21 +220,21 @@ class Recommender:
         return self.rows[self._by_id[item_id]]
 
     def _check_filters(self, filters, match_predicted) -> tuple[dict[str, list[str]], list[str]]:
-        """Normalises filters to ``{column: [values]}`` and checks them (QueryError when bad)."""
+        """Normalises filters to ``{column: [values]}`` and checks them (FilterError when bad)."""
         normal = {}
         for column, values in (filters or {}).items():
             normal[column] = [values] if isinstance(values, str) else list(values)
         if normal:
-            self.attributes.mask(normal)  # raises QueryError naming an unknown column or value
+            self.attributes.mask(normal)  # raises FilterError naming an unknown column or value
         match_predicted = list(dict.fromkeys(match_predicted or ()))
         for column in match_predicted:
             if column not in self.label_columns:
-                raise QueryError(
+                raise FilterError(
                     f"match_predicted column {column!r} is not a predicted label column "
                     f"(the bundle predicts: {', '.join(self.label_columns)})"
                 )
             if column in normal:
-                raise QueryError(f"column {column!r} is given both as a filter and in match_predicted; choose one")
+                raise FilterError(f"column {column!r} is given both as a filter and in match_predicted; choose one")
         return normal, match_predicted
 
     def _filtered(self, vector: np.ndarray, filters: dict, excluded: list[int], k: int) -> tuple[list[dict], dict]:
@@ -249,14 +249,23 @@ class Recommender:
         if excluded:
             allowed = allowed.copy()
             allowed[excluded] = False
+        candidates = int(allowed.sum())
         result = self.index.search(vector[None, :].astype(np.float32), k, allowed=allowed)
         neighbors = self._neighbors(result.positions[0], result.distances[0], set(), k)
         report = {"applied": filters, "matching_items": matching, "complete": len(neighbors) == k}
-        if len(neighbors) < k:
-            report["note"] = (
-                f"only {len(neighbors)} catalog item{'s' if len(neighbors) != 1 else ''} "
-                f"match{'es' if len(neighbors) == 1 else ''} the filter (asked for {k})"
-            )
+        found = len(neighbors)
+        if found < k and candidates > found:  # only an approximate (HNSW) walk can miss matching items
+            report["note"] = f"the approximate index found {found} of the {candidates} matching items (asked for {k})"
+        elif found < k:
+            # "other": the query's own item matches too but is never its own neighbour
+            other = " other" if candidates < matching else ""
+            if found == 0:
+                report["note"] = f"no{other} catalog item matches the filter (asked for {k})"
+            else:
+                report["note"] = (
+                    f"only {found}{other} catalog item{'s' if found != 1 else ''} "
+                    f"match{'es' if found == 1 else ''} the filter (asked for {k})"
+                )
         return neighbors, report
 
     def _neighbors(self, positions: np.ndarray, distances: np.ndarray, excluded: set[int], k: int) -> list[dict]:

@@ -47,6 +47,10 @@ class QueryError(RecommenderError):
     """A query is malformed (e.g. k out of range)."""
 
 
+class FilterError(QueryError):
+    """A filter is malformed or names a column or value the bundle does not have."""
+
+
 class JobLockedError(RecommenderError):
     """Another rebuild holds the artifact root's lock."""
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from recommender.errors import QueryError
+from recommender.errors import FilterError
 
 #: How many known values an "unknown value" message lists.
 LISTED_VALUES = 10
@@ -66,7 +66,7 @@ class AttributeIndex:
         """Value -> number of items holding it, sorted by value.
 
         Raises:
-            QueryError: ``column`` is not filterable.
+            FilterError: ``column`` is not filterable.
         """
         self._check_column(column)
         return {value: len(positions) for value, positions in self._positions[column].items()}
@@ -79,7 +79,7 @@ class AttributeIndex:
                 of one column. None or empty: every item passes.
 
         Raises:
-            QueryError: an unknown column (the message lists the filterable ones), an unknown
+            FilterError: an unknown column (the message lists the filterable ones), an unknown
                 value (it names the column, lists known values and suggests close ones), or an
                 empty value list.
         """
@@ -105,12 +105,12 @@ class AttributeIndex:
             self._check_column(column)
             values = [given] if isinstance(given, str) else list(given)
             if not values:
-                raise QueryError(f"no values given for filter column {column!r}")
+                raise FilterError(f"no values given for filter column {column!r}")
             known = self._positions[column]
             wanted = []
             for value in dict.fromkeys(str(value) for value in values):
                 if value not in known:
-                    raise QueryError(self._unknown_value_message(column, value))
+                    raise FilterError(self._unknown_value_message(column, value))
                 wanted.append(known[value])
             resolved.append((column, wanted))
         return resolved
@@ -120,7 +120,7 @@ class AttributeIndex:
             filterable = ", ".join(self.columns) if self.columns else "none"
             close = difflib.get_close_matches(str(column), self.columns, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise QueryError(f"unknown filter column {column!r}{hint} (filterable columns: {filterable})")
+            raise FilterError(f"unknown filter column {column!r}{hint} (filterable columns: {filterable})")
 
     def _unknown_value_message(self, column: str, value: str) -> str:
         known = list(self._positions[column])
@@ -150,7 +150,7 @@ def parse_filters(items: Iterable[str] | None, separator: str) -> dict[str, list
         ``{column: [values]}`` in the order the columns first appear.
 
     Raises:
-        QueryError: an item without the separator, or with an empty column or value.
+        FilterError: an item without the separator, or with an empty column or value.
     """
     if not separator:
         raise ValueError("the filter separator cannot be empty")
@@ -159,7 +159,9 @@ def parse_filters(items: Iterable[str] | None, separator: str) -> dict[str, list
         column, found, value = str(item).partition(separator)
         column, value = column.strip(), value.strip()
         if not found or not column or not value:
-            raise QueryError(f"malformed filter {item!r}: expected COLUMN{separator}VALUE, e.g. gender{separator}Women")
+            raise FilterError(
+                f"malformed filter {item!r}: expected COLUMN{separator}VALUE, e.g. gender{separator}Women"
+            )
         values = filters.setdefault(column, [])
         if value not in values:
             values.append(value)
