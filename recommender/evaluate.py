@@ -1,9 +1,10 @@
-"""Measuring a bundle on labelled query images: classification and retrieval metrics per head.
+"""Measuring a bundle on labelled query images: classification, hierarchy, tag and retrieval metrics.
 
-Two layers. The metric functions (:func:`classification_metrics`, :func:`retrieval_metrics`
-and the P@k / recall@k / AP@k primitives) take plain arrays and know nothing of bundles, so
-they can be checked against scikit-learn and hand-computed values. :func:`run_queries` walks
-labelled rows through a loaded bundle (``load_image`` -> ``Recommender.embed_images`` ->
+Two layers. The metric functions (:func:`classification_metrics`, :func:`hierarchy_metrics`,
+:func:`multilabel_metrics`, :func:`retrieval_metrics` and the P@k / recall@k / AP@k
+primitives) take plain arrays and know nothing of bundles, so they can be checked against
+scikit-learn and hand-computed values. :func:`run_queries` walks labelled rows through a
+loaded bundle (``load_image`` -> ``Recommender.embed_outputs`` -> ``LabelSpace.predict`` and
 the bundle's index), batched, and :func:`raw_feature_neighbors` finds the neighbours of the
 same queries by raw standardized backbone features, the baseline the trained embedding must
 beat. ``recommender.report`` turns both into ``metrics.json``, plots and an HTML page.
@@ -16,6 +17,18 @@ the query's label):
 - mAP@k: mean over queries of AP@k = sum_j P@j * relevant_j / min(k, R), where R is the
   number of catalog items with the query's label (the most relevant items the k neighbours
   could hold); 1.0 means every position that could hold a relevant item does.
+
+Hierarchy and tag definitions:
+
+- path score: per query, one point per hierarchy level whose predicted value is right (the
+  predicted path is the most probable *valid* path, so levels are judged together, as the
+  original comparison of hierarchical and combined heads counted it); reported as the mean
+  per query (out of the number of levels), the total over the test set, and the share of
+  queries with every level right (path accuracy).
+- tags: a tag is predicted when its sigmoid probability reaches its threshold. Micro
+  precision / recall / F1 pool every (query, tag) decision (micro-F1 is the iMaterialist
+  metric); macro averages the per-tag figures over the tags that occur in the truth or the
+  predictions (0 for a tag never predicted, as for the single-label heads).
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size
 
     Neighbours are taken as the index returns them (a query that is itself a catalog item
     may find itself); :func:`run_queries` is the stricter version used by the report.
+    Hierarchy levels are judged by the most probable valid path (``LabelSpace.predict``).
 
     Args:
         recommender: a loaded ``engine.Recommender``.
@@ -73,7 +87,7 @@ def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size
         if column not in columns or not run.rows:
             continue
         truth = [row.labels[column] for row in run.rows]
-        predicted = [names[i] for i in np.argmax(run.probabilities[head], axis=1)]
+        predicted = [names[i] for i in run.predicted[head]]
         accuracy[column] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
         precision[column] = precision_at_k(neighbor_relevance(recommender.rows, run.positions, truth, column))
     return QueryEvaluation(
@@ -168,7 +182,9 @@ def neighbor_relevance(catalog_rows: list[dict], positions: np.ndarray, truth: l
 # -- classification metrics ----------------------------------------------------------------
 
 
-def classification_metrics(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
+def classification_metrics(
+    truth: np.ndarray, probabilities: np.ndarray, classes: list[str], predicted: np.ndarray | None = None
+) -> dict:
     """Accuracy, precision / recall / F1 (macro, micro, weighted), ROC AUC and per-class figures.
 
     Averages are over the classes that occur in the truth or the predictions (scikit-learn's
@@ -180,6 +196,9 @@ def classification_metrics(truth: np.ndarray, probabilities: np.ndarray, classes
         truth: (n,) int class indices into ``classes``.
         probabilities: (n, len(classes)) float, rows summing to 1.
         classes: class names by index.
+        predicted: (n,) int predicted class indices; None means the argmax of
+            ``probabilities``. A hierarchy level passes the level of the most probable valid
+            path, which need not be the argmax of its marginal.
 
     Returns:
         ``{"queries", "accuracy", "precision", "recall", "f1", "roc_auc_ovr", "per_class",
@@ -194,7 +213,7 @@ def classification_metrics(truth: np.ndarray, probabilities: np.ndarray, classes
 
     truth = np.asarray(truth, np.int64)
     probabilities = np.asarray(probabilities, np.float64)
-    predicted = np.argmax(probabilities, axis=1)
+    predicted = np.argmax(probabilities, axis=1) if predicted is None else np.asarray(predicted, np.int64)
     present = np.union1d(truth, predicted)
     summary = {"queries": int(len(truth)), "accuracy": float(accuracy_score(truth, predicted))}
     for average in ("macro", "micro", "weighted"):
@@ -237,6 +256,164 @@ def classification_metrics(truth: np.ndarray, probabilities: np.ndarray, classes
     return summary
 
 
+# -- hierarchy and tag metrics -------------------------------------------------------------
+
+
+def hierarchy_metrics(
+    truth: list[tuple[str, ...]], predicted: list[tuple[str, ...]], levels: list[str] | tuple[str, ...]
+) -> dict:
+    """Per-level accuracy, path score and path accuracy of predicted taxonomy paths.
+
+    Args:
+        truth: n true paths, one value per level (root first).
+        predicted: n predicted paths, same layout (the most probable valid path).
+        levels: the level names, root first.
+
+    Returns:
+        ``{"queries", "level_accuracy": {level: share right}, "path_score" (mean points per
+        query), "path_score_max" (the number of levels), "path_score_total" (points over all
+        queries), "path_accuracy" (share with every level right)}``; NaN figures for no queries.
+    """
+    correct = np.array(
+        [[t == p for t, p in zip(true_path, predicted_path)] for true_path, predicted_path in zip(truth, predicted)],
+        bool,
+    ).reshape(len(truth), len(levels))
+    points = correct.sum(axis=1)
+    empty = not len(truth)
+    return {
+        "queries": len(truth),
+        "level_accuracy": {
+            level: float("nan") if empty else float(correct[:, depth].mean()) for depth, level in enumerate(levels)
+        },
+        "path_score": float("nan") if empty else float(points.mean()),
+        "path_score_max": len(levels),
+        "path_score_total": int(points.sum()),
+        "path_accuracy": float("nan") if empty else float(correct.all(axis=1).mean()),
+    }
+
+
+def _precision_recall_f1(true_positive, false_positive, false_negative):
+    """Precision, recall and F1 from counts (arrays or scalars), 0 where undefined."""
+    true_positive, false_positive, false_negative = (
+        np.asarray(v, np.float64) for v in (true_positive, false_positive, false_negative)
+    )
+
+    def share(numerator, denominator):
+        return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+    return (
+        share(true_positive, true_positive + false_positive),
+        share(true_positive, true_positive + false_negative),
+        # 2PR / (P + R), written on the counts so that it is defined whenever P or R is
+        share(2 * true_positive, 2 * true_positive + false_positive + false_negative),
+    )
+
+
+def multilabel_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict:
+    """Micro and macro precision / recall / F1 of multi-label decisions, and per-tag figures.
+
+    Micro pools every (query, tag) decision; macro is the mean of the per-tag figures over
+    the tags that occur in the truth or the predictions (a tag neither true nor predicted
+    for any query has no figures to average), 0 for a tag never predicted or never true.
+
+    Args:
+        truth: (n, tags) bool multi-hot true tags.
+        predicted: (n, tags) bool predicted tags.
+
+    Returns:
+        ``{"queries", "micro": {"precision", "recall", "f1"}, "macro": {...}, "tags_averaged",
+        "per_tag": {"support", "predicted", "precision", "recall", "f1"}}`` where ``per_tag``
+        holds (tags,) arrays in tag order.
+    """
+    truth = np.asarray(truth, bool)
+    predicted = np.asarray(predicted, bool)
+    if truth.shape != predicted.shape or truth.ndim != 2:
+        raise ValueError(f"truth {truth.shape} and predictions {predicted.shape} must be the same (n, tags) shape")
+    true_positive = (truth & predicted).sum(axis=0)
+    false_positive = (~truth & predicted).sum(axis=0)
+    false_negative = (truth & ~predicted).sum(axis=0)
+    precision, recall, f1 = _precision_recall_f1(true_positive, false_positive, false_negative)
+    micro = _precision_recall_f1(true_positive.sum(), false_positive.sum(), false_negative.sum())
+    present = truth.any(axis=0) | predicted.any(axis=0)
+    return {
+        "queries": int(len(truth)),
+        "micro": {name: float(value) for name, value in zip(("precision", "recall", "f1"), micro)},
+        "macro": {
+            name: float(values[present].mean()) if present.any() else 0.0
+            for name, values in zip(("precision", "recall", "f1"), (precision, recall, f1))
+        },
+        "tags_averaged": int(present.sum()),
+        "per_tag": {
+            "support": truth.sum(axis=0),
+            "predicted": predicted.sum(axis=0),
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+        },
+    }
+
+
+def tag_metrics(truth: np.ndarray, scores: np.ndarray, thresholds: np.ndarray, tags: list[str]) -> dict:
+    """Tag figures at the bundle's tuned thresholds and, for comparison, at 0.5.
+
+    Args:
+        truth: (n, tags) bool multi-hot true tags.
+        scores: (n, tags) float sigmoid probabilities.
+        thresholds: (tags,) float, the bundle's thresholds (a tag is predicted at or above).
+        tags: tag names by index.
+
+    Returns:
+        ``{"queries", "at_thresholds": {"micro", "macro", "tags_averaged"}, "at_half": {...},
+        "per_tag": [{"tag", "support", "predicted", "precision", "recall", "f1", "threshold"}]}``
+        (per-tag figures at the bundle's thresholds, every tag of the bundle).
+    """
+    scores = np.asarray(scores, np.float64)
+    thresholds = np.asarray(thresholds, np.float64)
+    tuned = multilabel_metrics(truth, scores >= thresholds[None, :])
+    half = multilabel_metrics(truth, scores >= 0.5)
+    per_tag = tuned["per_tag"]
+    return {
+        "queries": tuned["queries"],
+        "at_thresholds": {key: tuned[key] for key in ("micro", "macro", "tags_averaged")},
+        "at_half": {key: half[key] for key in ("micro", "macro", "tags_averaged")},
+        "per_tag": [
+            {
+                "tag": tag,
+                "support": int(per_tag["support"][i]),
+                "predicted": int(per_tag["predicted"][i]),
+                "precision": float(per_tag["precision"][i]),
+                "recall": float(per_tag["recall"][i]),
+                "f1": float(per_tag["f1"][i]),
+                "threshold": float(thresholds[i]),
+            }
+            for i, tag in enumerate(tags)
+        ],
+    }
+
+
+def multi_hot(row_tags: list[tuple[str, ...]], tags: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Encodes each row's tags over the bundle's tag list.
+
+    Args:
+        row_tags: per row, its tags.
+        tags: the bundle's tag names by index.
+
+    Returns:
+        ``((n, tags) bool, {tag the bundle never saw: rows carrying it})``; unknown tags are
+        left out of the array (the model cannot predict them).
+    """
+    lookup = {tag: i for i, tag in enumerate(tags)}
+    hot = np.zeros((len(row_tags), len(tags)), bool)
+    unknown: Counter = Counter()
+    for row, values in enumerate(row_tags):
+        for tag in values:
+            if tag in lookup:
+                hot[row, lookup[tag]] = True
+            else:
+                unknown[tag] += 1
+    return hot, dict(sorted(unknown.items()))
+
+
 # -- walking queries through a bundle ------------------------------------------------------
 
 
@@ -247,7 +424,11 @@ class QueryRun:
     Attributes:
         rows: the rows whose image could be read, in the order given.
         hashes: their image sha256s.
-        probabilities: per head, (n, classes) float32.
+        probabilities: per label column (``Recommender.label_columns`` order), (n, classes)
+            float32; hierarchy levels are the consistent (valid-path) marginals.
+        predicted: per label column, (n,) int64 predicted class indices; hierarchy levels
+            follow the most probable valid path (``LabelSpace.predict``).
+        tag_probabilities: (n, tags) float32 sigmoid probabilities, or None without a tags head.
         positions: (n, k) int64 catalog positions, nearest first, -1 where none.
         distances: (n, k) float32 Euclidean distances.
         self_matches: how many queries are themselves catalog items (same sha256).
@@ -257,6 +438,8 @@ class QueryRun:
     rows: list[CatalogRow]
     hashes: list[str]
     probabilities: list[np.ndarray]
+    predicted: list[np.ndarray]
+    tag_probabilities: np.ndarray | None
     positions: np.ndarray
     distances: np.ndarray
     self_matches: int
@@ -322,8 +505,11 @@ def run_queries(
     size = recommender.backbone.input_size
     by_hash = catalog_positions_by_hash(recommender.rows)
     widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
+    space = recommender.label_space
     kept_rows, hashes, bad = [], [], []
     probabilities: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
+    predicted: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
+    tag_probabilities: list[np.ndarray] = []
     positions, distances = [], []
 
     def decode(row: CatalogRow):
@@ -348,14 +534,20 @@ def run_queries(
                 batch_rows.append(row)
                 batch_hashes.append(result[1])
             if images:
-                embeddings, heads = recommender.embed_images(np.stack(images))
+                embeddings, outputs = recommender.embed_outputs(np.stack(images))
                 found = recommender.index.search(embeddings, min(k + widest, recommender.index.size))
                 excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in batch_hashes]
                 kept = drop_excluded(found.positions, found.distances, excluded, k)
                 positions.append(kept[0])
                 distances.append(kept[1])
-                for head, values in enumerate(heads):
-                    probabilities[head].append(values)
+                by_column = space.column_probabilities(outputs)
+                codes = space.predict(outputs)
+                for head, column in enumerate(recommender.label_columns):
+                    probabilities[head].append(by_column[column].astype(np.float32))
+                    predicted[head].append(np.asarray(codes[column][0], np.int64))
+                scores = space.tag_probabilities(outputs)
+                if scores is not None:
+                    tag_probabilities.append(scores.astype(np.float32))
                 kept_rows += batch_rows
                 hashes += batch_hashes
             if progress:
@@ -367,6 +559,10 @@ def run_queries(
         probabilities=[
             np.concatenate(p) if p else np.zeros((0, width[i]), np.float32) for i, p in enumerate(probabilities)
         ],
+        predicted=[np.concatenate(p) if p else np.zeros(0, np.int64) for p in predicted],
+        tag_probabilities=None
+        if space.tags_column is None
+        else (np.concatenate(tag_probabilities) if tag_probabilities else np.zeros((0, len(space.tags)), np.float32)),
         positions=np.concatenate(positions) if positions else np.zeros((0, k), np.int64),
         distances=np.concatenate(distances) if distances else np.zeros((0, k), np.float32),
         self_matches=sum(1 for h in hashes if h in by_hash),

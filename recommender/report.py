@@ -6,10 +6,12 @@
 :func:`run_evaluate` are the ``evaluate`` subcommand. Metrics come from
 ``recommender.evaluate``; this module adds the plots (matplotlib, Agg backend, no display
 needed) and the HTML page, which references the PNGs beside it by relative path so the
-folder opens offline and can be copied as a whole. Bad input (unreadable or missing images,
-labels the bundle never saw, label columns the test catalog lacks) is reported in
-``metrics.json`` under ``problems`` and at the top of the page; only a catalog with nothing
-left to evaluate is an error.
+folder opens offline and can be copied as a whole. A bundle with a label hierarchy also gets
+per-level accuracy and the path score of its predicted paths; one with a tags column gets
+micro / macro precision, recall and F1 of its tags at its tuned thresholds and at 0.5. Bad
+input (unreadable or missing images, labels or tags the bundle never saw, label or tags
+columns the test catalog lacks) is reported in ``metrics.json`` under ``problems`` and at
+the top of the page; only a catalog with nothing left to evaluate is an error.
 """
 
 from __future__ import annotations
@@ -63,13 +65,29 @@ METRICS_JSON_KEYS = """\
 | `heads.HEAD.evaluated` | false when the test catalog lacks the column or has no row with a known label |
 | `heads.HEAD.queries` | rows scored for this head (evaluated rows whose label the bundle knows) |
 | `heads.HEAD.unknown_labels` | labels the bundle never saw -> row count (left out of this head's figures) |
-| `heads.HEAD.accuracy` | share of queries whose predicted label is right |
+| `heads.HEAD.accuracy` | share of queries whose predicted label is right (a hierarchy level: the level of the predicted valid path) |
 | `heads.HEAD.precision` / `.recall` / `.f1` | `{macro, micro, weighted}` over the classes present in truth or predictions (0 for a class never predicted) |
 | `heads.HEAD.roc_auc_ovr` | `{macro, weighted, classes_scored}`: one-vs-rest ROC AUC over classes with positive and negative queries; null when none |
 | `heads.HEAD.per_class` | list of `{class, support, predicted, precision, recall, f1, roc_auc}`, every class of the bundle |
 | `heads.HEAD.confusion_matrix` | `{labels, counts}`: `counts[i][j]` = queries of class `labels[i]` predicted as `labels[j]` |
 | `heads.HEAD.retrieval.SPACE` | `{queries, precision_at_k, recall_at_k, map_at_k}`, or null when not measured |
 | `heads.HEAD.plots` | `{confusion_matrix, roc, precision_recall}`: PNG file names in the report folder |
+| `hierarchy.evaluated` / `.reason` | whether the label hierarchy was scored; why not (no hierarchy in the bundle, a level missing from the test catalog), else null |
+| `hierarchy.mode` / `.levels` | `hierarchical` (one softmax head per level) or `combined` (one head over full paths), null without a hierarchy; level columns, root first |
+| `hierarchy.queries` | rows scored: evaluated rows whose every level value the bundle knows |
+| `hierarchy.unknown_paths` | true paths with a value the bundle never saw (`a > b > c`) -> row count (left out) |
+| `hierarchy.outside_taxonomy` | scored rows whose true path is not one of the bundle's valid paths (each level still judged) |
+| `hierarchy.level_accuracy` | level -> share of rows whose predicted path has the right value there |
+| `hierarchy.path_score` / `.path_score_max` / `.path_score_total` | one point per right level of the predicted path: mean per row, its maximum (the number of levels), sum over the rows |
+| `hierarchy.path_accuracy` | share of rows with every level right |
+| `hierarchy.validation` | the hierarchy figures recorded in the bundle's manifest at build time |
+| `tags.evaluated` / `.reason` | whether tags were scored; why not (no tags head in the bundle, no tags column in the test catalog), else null |
+| `tags.column` / `.separator` / `.threshold_mode` | the bundle's tags column, its separator, `global` or `per_tag` thresholds |
+| `tags.queries` | rows scored (every evaluated row; an empty cell means no tags) |
+| `tags.unknown_tags` | tags the bundle never saw -> row count (left out of the figures) |
+| `tags.at_thresholds` / `.at_half` | at the bundle's tuned thresholds / at 0.5: `{micro, macro, tags_averaged}`, each average `{precision, recall, f1}`; micro pools every (row, tag) decision (micro-F1 is the iMaterialist metric), macro averages over the `tags_averaged` tags true or predicted at least once |
+| `tags.per_tag` | list of `{tag, support, predicted, precision, recall, f1, threshold}` at the bundle's thresholds, every tag of the bundle |
+| `tags.validation` | the tag figures recorded in the bundle's manifest at build time (thresholds, validation micro-F1) |
 | `retrieval_spaces.embedding` | how the trained embedding's neighbours were found (the bundle's index) |
 | `retrieval_spaces.raw_features` | `{measured, reason}`: raw standardized backbone features, searched exactly |
 | `training.epochs` | epochs trained (from the bundle's `history.json`) |
@@ -95,6 +113,7 @@ def evaluate_bundle(
     bad_rows: list[BadRow] | tuple = (),
     source: str | None = None,
     missing_columns: list[str] | tuple = (),
+    tags_column: str | None = None,
     feature_store: str | Path | None = None,
     raw_features: bool = True,
     examples: int = DEFAULT_EXAMPLES,
@@ -115,6 +134,8 @@ def evaluate_bundle(
         bad_rows: rows already rejected while reading the catalog (reported with the rest).
         source: the test catalog as given, for the report.
         missing_columns: bundle label columns the test catalog lacks (reported).
+        tags_column: the column the rows' ``tags`` were read from (``Catalog.tags_column``);
+            None when the test catalog has none, so tags are reported as not evaluated.
         feature_store: HDF5 feature cache for the raw-feature baseline (the build's store
             holds the catalog's features already); None extracts them without storing.
         raw_features: also measure neighbours by raw standardized backbone features.
@@ -207,7 +228,10 @@ def evaluate_bundle(
         hashes = [digest for digest, is_known in zip(run.hashes, known) if is_known]
         entry.update(
             classification_metrics(
-                np.array([lookup[label] for label in truth]), run.probabilities[head][known], classes
+                np.array([lookup[label] for label in truth]),
+                run.probabilities[head][known],
+                classes,
+                run.predicted[head][known],
             )
         )
         totals = relevant_totals(recommender.rows, truth, hashes, column)
@@ -220,6 +244,8 @@ def evaluate_bundle(
             else retrieval_metrics(neighbor_relevance(recommender.rows, raw_positions[known], truth, column), totals),
         }
         heads[column] = entry
+    hierarchy = hierarchy_section(recommender, run, columns, problems)
+    tags = tags_section(recommender, run, tags_column, problems)
 
     plots = _write_plots(recommender, run, heads, out_dir, k, examples, problems)
     history = _read_history(recommender.path)
@@ -243,6 +269,8 @@ def evaluate_bundle(
             "bad_rows": [bad.to_json() for bad in bad_rows],
         },
         "heads": heads,
+        "hierarchy": hierarchy,
+        "tags": tags,
         "retrieval_spaces": {
             "embedding": f"the bundle's {recommender.index.kind} index over standardized trained embeddings"
             + (" (flip-averaged)" if recommender.flip_average else ""),
@@ -267,6 +295,110 @@ def evaluate_bundle(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(metrics, plots), encoding="utf-8")
     return metrics
+
+
+def hierarchy_section(recommender, run, columns: list[str], problems: list[str]) -> dict:
+    """The ``hierarchy`` entry of ``metrics.json``: per-level accuracy and path score.
+
+    Args:
+        recommender: the loaded bundle.
+        run: the ``evaluate.QueryRun`` of the test rows.
+        columns: the label columns the test rows carry.
+        problems: appended to when the hierarchy cannot be (fully) scored.
+
+    Returns:
+        See :data:`METRICS_JSON_KEYS`.
+    """
+    from recommender.evaluate import hierarchy_metrics
+
+    space = recommender.label_space
+    taxonomy = space.taxonomy
+    if taxonomy is None:
+        return {"evaluated": False, "reason": "the bundle has no label hierarchy", "mode": None, "levels": []}
+    levels = list(taxonomy.levels)
+    section: dict = {
+        "evaluated": False,
+        "reason": None,
+        "mode": space.hierarchy_mode,
+        "levels": levels,
+    }
+    validation = recommender.manifest.get("metrics", {}).get("hierarchy")
+    missing = [level for level in levels if level not in columns]
+    if missing:
+        section["reason"] = f"level(s) {', '.join(missing)} not read from the test catalog"
+        problems.append(f"hierarchy not evaluated: {section['reason']}")
+        return {**section, "validation": validation}
+    known = {level: set(space.classes_of(level)) for level in levels}
+    names = {level: space.classes_of(level) for level in levels}
+    position = {column: i for i, column in enumerate(recommender.label_columns)}
+    truth, predicted, unknown = [], [], {}
+    for i, row in enumerate(run.rows):
+        path = tuple(row.labels[level] for level in levels)
+        if any(value not in known[level] for level, value in zip(levels, path)):
+            joined = " > ".join(path)
+            unknown[joined] = unknown.get(joined, 0) + 1
+            continue
+        truth.append(path)
+        predicted.append(tuple(names[level][int(run.predicted[position[level]][i])] for level in levels))
+    valid = set(taxonomy.paths)
+    outside = sum(1 for path in truth if path not in valid)
+    section.update(unknown_paths=dict(sorted(unknown.items())), outside_taxonomy=outside)
+    section.update(hierarchy_metrics(truth, predicted, levels), validation=validation)
+    if unknown:
+        listed = ", ".join(f"{path!r} ({count})" for path, count in sorted(unknown.items())[:10])
+        problems.append(
+            f"hierarchy: {sum(unknown.values())} test row(s) have a path with values the bundle never saw, "
+            f"left out of the path score: {listed}"
+        )
+    if outside:
+        problems.append(
+            f"hierarchy: {outside} test row(s) have a path that is not one of the bundle's valid paths "
+            "(each level still judged)"
+        )
+    if not truth:
+        section["reason"] = "no test row has a path whose values the bundle knows"
+        return section
+    section["evaluated"] = True
+    return section
+
+
+def tags_section(recommender, run, tags_column: str | None, problems: list[str]) -> dict:
+    """The ``tags`` entry of ``metrics.json``: micro / macro figures and the per-tag table.
+
+    Args:
+        recommender: the loaded bundle.
+        run: the ``evaluate.QueryRun`` of the test rows.
+        tags_column: the column the rows' tags were read from, or None (not evaluated).
+        problems: appended to when tags cannot be (fully) scored.
+
+    Returns:
+        See :data:`METRICS_JSON_KEYS`.
+    """
+    from recommender.evaluate import multi_hot, tag_metrics
+
+    space = recommender.label_space
+    if space.tags_column is None:
+        return {"evaluated": False, "reason": "the bundle predicts no tags", "column": None}
+    section: dict = {
+        "evaluated": False,
+        "reason": None,
+        "column": space.tags_column,
+        "separator": space.tags_separator,
+        "threshold_mode": space.threshold_mode,
+    }
+    validation = recommender.manifest.get("metrics", {}).get("tags")
+    if tags_column is None:
+        section["reason"] = f"the test catalog has no tags column {space.tags_column!r}"
+        problems.append(f"tags not evaluated: {section['reason']}")
+        return {**section, "validation": validation}
+    truth, unknown = multi_hot([row.tags for row in run.rows], space.tags)
+    if unknown:
+        listed = ", ".join(f"{tag!r} ({count} row(s))" for tag, count in list(unknown.items())[:10])
+        problems.append(f"tags: test rows carry tags the bundle never saw, left out of the tag figures: {listed}")
+    section["unknown_tags"] = unknown
+    section.update(tag_metrics(truth, run.tag_probabilities, space.thresholds, space.tags), validation=validation)
+    section["evaluated"] = True
+    return section
 
 
 def _finite(value):
@@ -330,7 +462,9 @@ def _write_plots(recommender, run, heads: dict, out_dir: Path, k: int, examples:
     plots: dict = {"heads": {}, "training": None, "examples": None}
     history = _read_history(recommender.path)
     if history.get("loss"):
-        plots["training"] = _save(plot_training(history, recommender.label_columns), out_dir / "training.png")
+        plots["training"] = _save(
+            plot_training(history, head_titles(recommender.label_space)), out_dir / "training.png"
+        )
     else:
         problems.append("no training curves: the bundle has no history.json (or it is empty)")
     for head, (column, classes) in enumerate(zip(recommender.label_columns, recommender.classes)):
@@ -368,12 +502,30 @@ def _write_plots(recommender, run, heads: dict, out_dir: Path, k: int, examples:
     return plots
 
 
+def head_titles(label_space) -> list[str]:
+    """What each model output head predicts, in head order (Keras names them ``head_i``).
+
+    A combined hierarchy's head predicts full paths and a tags head several tags, so head
+    ``i`` is not label column ``i`` in general.
+    """
+    titles = []
+    for head in label_space.heads:
+        if head.target == "path":
+            titles.append("path (" + " > ".join(label_space.taxonomy.levels) + ")")
+        elif head.target == "tags":
+            titles.append(f"tags ({head.column})")
+        else:
+            titles.append(head.column)
+    return titles
+
+
 def plot_training(history: dict, label_columns: list[str]):
     """Loss and accuracy per epoch, training and validation, one accuracy line per head.
 
     Args:
         history: the bundle's ``history.json`` (Keras ``History.history``).
-        label_columns: head names, in head order (Keras calls them ``head_i``).
+        label_columns: what each head predicts, in head order (Keras calls them ``head_i``;
+            see :func:`head_titles`). Heads without an accuracy metric (tags) draw no line.
 
     Returns:
         A matplotlib Figure.
@@ -499,8 +651,7 @@ def choose_examples(recommender, run, head: int, count: int) -> dict[str, list[i
         ``{"correct": [row indices], "wrong": [row indices]}`` into ``run.rows``.
     """
     column, classes = recommender.label_columns[head], recommender.classes[head]
-    predicted = np.argmax(run.probabilities[head], axis=1)
-    right = np.array([classes[p] == row.labels[column] for p, row in zip(predicted, run.rows)], bool)
+    right = np.array([classes[p] == row.labels[column] for p, row in zip(run.predicted[head], run.rows)], bool)
     rng = np.random.default_rng(0)
     chosen = {}
     for name, mask in (("correct", right), ("wrong", ~right)):
@@ -540,7 +691,7 @@ def plot_examples(recommender, run, head: int, chosen: dict[str, list[int]], k: 
     grid = np.atleast_2d(figure.subplots(len(order), columns, squeeze=False))
     for line, (kind, index) in enumerate(order):
         row = run.rows[index]
-        predicted = classes[int(np.argmax(run.probabilities[head][index]))]
+        predicted = classes[int(run.predicted[head][index])]
         query_axes = grid[line, 0]
         query_axes.imshow(_thumbnail(row.path, THUMBNAIL_SIZE))
         _frame(query_axes, "tab:green" if kind == "correct" else "tab:red", 3)
@@ -651,6 +802,8 @@ def render_html(metrics: dict, plots: dict) -> str:
             summary,
         )
     )
+    parts += _hierarchy_html(metrics)
+    parts += _tags_html(metrics)
     parts.append("<h2>Neighbours: trained embedding vs raw backbone features</h2>")
     raw_note = metrics["retrieval_spaces"]["raw_features"]
     parts.append(
@@ -726,6 +879,89 @@ def render_html(metrics: dict, plots: dict) -> str:
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
         f"<style>{style}</style>\n</head>\n<body>\n" + "\n".join(p for p in parts if p) + "\n</body>\n</html>\n"
     )
+
+
+HIERARCHY_MODE_TEXT = {
+    "hierarchical": "hierarchical: one softmax head per level, combined over the valid paths",
+    "combined": "combined: one softmax head over the full paths",
+}
+
+
+def _hierarchy_html(metrics: dict) -> list[str]:
+    """The Hierarchy section (nothing for a bundle without a hierarchy)."""
+    section = metrics.get("hierarchy") or {}
+    if not section.get("mode"):
+        return []
+    levels = " &gt; ".join(f"<code>{html.escape(level)}</code>" for level in section["levels"])
+    parts = [f"<h2>Hierarchy {levels}</h2>"]
+    mode = HIERARCHY_MODE_TEXT.get(section["mode"], section["mode"])
+    parts.append(f"<p>Mode: {html.escape(mode)}. Predictions follow the most probable valid path.</p>")
+    if not section.get("evaluated"):
+        parts.append(f"<p>Not evaluated: {html.escape(str(section['reason']))}.</p>")
+        return parts
+    validation = section.get("validation") or {}
+    validation_heads = metrics["training"]["validation"]
+    parts.append(
+        f"<p>{section['queries']} queries; one point per right level of the predicted path "
+        f"(at most {section['path_score_max']} per query).</p>"
+    )
+    parts.append(
+        _table(
+            ["level", "accuracy", "validation accuracy (build)"],
+            [
+                [level, accuracy, (validation_heads.get(level) or {}).get("validation_accuracy")]
+                for level, accuracy in section["level_accuracy"].items()
+            ],
+        )
+    )
+    parts.append(
+        _table(
+            ["", "test", "validation (build)"],
+            [
+                ["path score (mean per query)", section["path_score"], validation.get("path_score")],
+                ["path score maximum", section["path_score_max"], validation.get("path_score_max")],
+                [
+                    f"path score total (of {section['queries'] * section['path_score_max']})",
+                    section["path_score_total"],
+                    None,
+                ],
+                ["every level right", section["path_accuracy"], validation.get("path_accuracy")],
+            ],
+        )
+    )
+    return parts
+
+
+def _tags_html(metrics: dict) -> list[str]:
+    """The Tags section (nothing for a bundle without tags)."""
+    section = metrics.get("tags") or {}
+    if not section.get("column"):
+        return []
+    parts = [f"<h2>Tags <code>{html.escape(section['column'])}</code></h2>"]
+    if not section.get("evaluated"):
+        parts.append(f"<p>Not evaluated: {html.escape(str(section['reason']))}.</p>")
+        return parts
+    parts.append(
+        f"<p>{section['queries']} queries. A tag is predicted at or above its threshold "
+        f"({html.escape(section['threshold_mode'])} thresholds tuned on the validation split for micro-F1). "
+        "Micro pools every (query, tag) decision; macro averages the tags true or predicted at least once.</p>"
+    )
+    rows = []
+    for key, name in (("at_thresholds", "bundle thresholds"), ("at_half", "0.5")):
+        for average in ("micro", "macro"):
+            values = section[key][average]
+            rows.append([f"{average} at {name}", values["precision"], values["recall"], values["f1"]])
+    parts.append(_table(["", "precision", "recall", "F1"], rows))
+    parts.append(
+        _table(
+            ["tag", "support", "predicted", "precision", "recall", "F1", "threshold"],
+            [
+                [t["tag"], t["support"], t["predicted"], t["precision"], t["recall"], t["f1"], t["threshold"]]
+                for t in section["per_tag"]
+            ],
+        )
+    )
+    return parts
 
 
 # -- the evaluate subcommand ---------------------------------------------------------------
@@ -833,6 +1069,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"label column(s) {', '.join(unknown_columns)} are not heads of the bundle "
             f"(its heads: {', '.join(recommender.label_columns)})"
         )
+    # Tags are read with the bundle's column and separator when the test catalog has that
+    # column; without it tags are reported as not evaluated (a folder catalog never has one).
+    tags_column = recommender.label_space.tags_column
+    if tags_column is not None and tags_column not in (_csv_header(args.catalog) or []):
+        tags_column = None
     catalog = read_catalog(
         args.catalog,
         image_column=args.image_column,
@@ -840,6 +1081,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         label_columns=columns,
         split_column=args.split_column,
         splits=args.splits,
+        tags_column=tags_column,
+        tags_separator=recommender.label_space.tags_separator,
     )
     metrics = evaluate_bundle(
         recommender,
@@ -849,6 +1092,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         bad_rows=catalog.bad_rows,
         source=catalog.source,
         missing_columns=missing or [c for c in recommender.label_columns if c not in columns],
+        tags_column=catalog.tags_column,
         feature_store=args.feature_store or default_feature_store(),
         raw_features=not args.no_raw_features,
         examples=args.examples,
@@ -872,6 +1116,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"{raw_text} ({entry['queries']} queries)",
             file=sys.stderr,
         )
+    hierarchy, tags = metrics["hierarchy"], metrics["tags"]
+    if hierarchy["evaluated"]:
+        print(
+            f"hierarchy ({hierarchy['mode']}): path score {hierarchy['path_score']:.3f} of "
+            f"{hierarchy['path_score_max']}, every level right {hierarchy['path_accuracy']:.3f} "
+            f"({hierarchy['queries']} queries)",
+            file=sys.stderr,
+        )
+    if tags["evaluated"]:
+        print(
+            f"tags: micro-F1 {tags['at_thresholds']['micro']['f1']:.3f} at the bundle's thresholds, "
+            f"{tags['at_half']['micro']['f1']:.3f} at 0.5; macro-F1 {tags['at_thresholds']['macro']['f1']:.3f}",
+            file=sys.stderr,
+        )
     print(f"wrote {args.out / 'report.html'} and {args.out / 'metrics.json'}", file=sys.stderr)
     print(
         json.dumps(
@@ -881,6 +1139,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 "evaluated": metrics["catalog"]["evaluated"],
                 "bad_rows": len(metrics["catalog"]["bad_rows"]),
                 "heads": headline,
+                "path_score": hierarchy.get("path_score") if hierarchy["evaluated"] else None,
+                "tags_micro_f1": tags["at_thresholds"]["micro"]["f1"] if tags["evaluated"] else None,
             }
         )
     )

@@ -164,6 +164,18 @@ def test_classification_metrics_by_hand_with_a_class_never_seen_in_the_queries()
     assert figures["confusion_matrix"]["counts"] == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
 
 
+def test_classification_metrics_judge_the_given_predictions_and_rank_by_the_probabilities():
+    # A hierarchy level's prediction (from the most probable valid path) need not be the
+    # argmax of its marginal: accuracy and the confusion matrix follow the prediction given.
+    truth = np.array([0, 1, 1])
+    probabilities = np.array([[0.6, 0.4], [0.55, 0.45], [0.2, 0.8]])
+    figures = classification_metrics(truth, probabilities, ["a", "b"], predicted=np.array([0, 1, 1]))
+    assert figures["accuracy"] == 1.0
+    assert figures["confusion_matrix"]["counts"] == [[1, 0], [0, 2]]
+    assert figures["per_class"][0]["roc_auc"] == pytest.approx(roc_auc_score(truth == 0, probabilities[:, 0]))
+    assert classification_metrics(truth, probabilities, ["a", "b"])["accuracy"] == pytest.approx(2 / 3)
+
+
 # -- the report end to end on the session's tiny bundle ------------------------------------
 
 
@@ -200,22 +212,50 @@ def test_catalog(tmp_path_factory, image_files) -> Path:
 
 
 def _documented_keys() -> list[str]:
+    """The keys of the README table, sibling shorthands (``a.b`` / ``.c``) written out (``a.c``)."""
     from recommender.report import METRICS_JSON_KEYS
 
     keys = []
     for line in METRICS_JSON_KEYS.splitlines()[2:]:
         cell = line.split("|")[1]
-        keys += re.findall(r"`([^`]+)`", cell)
+        previous = None
+        for key in re.findall(r"`([^`]+)`", cell):
+            if key.startswith(".") and previous:
+                key = previous.rsplit(".", 1)[0] + key
+            keys.append(key)
+            previous = key
     return keys
 
 
 def _lookup(metrics: dict, key: str, head: str):
-    """Resolves a documented key like ``heads.HEAD.retrieval.SPACE`` (``.recall`` = sibling)."""
+    """Resolves a documented key like ``heads.HEAD.retrieval.SPACE``."""
     value = metrics
     for part in key.replace("HEAD", head).split("."):
         assert isinstance(value, dict) and part in value, f"documented key {key!r} missing at {part!r}"
         value = value[part]
     return value
+
+
+#: Sections that a bundle may not have; when not evaluated they hold only these keys for sure.
+OPTIONAL_SECTIONS = ("hierarchy", "tags")
+
+
+def check_documented_keys(metrics: dict, head: str) -> None:
+    """Asserts that every documented key is in ``metrics`` (``HEAD`` = ``head``, both spaces).
+
+    Under a section that was not evaluated (a bundle without hierarchy or tags) only its
+    ``evaluated`` and ``reason`` keys are required.
+    """
+    for key in _documented_keys():
+        section = key.split(".")[0]
+        if section in OPTIONAL_SECTIONS and not metrics[section]["evaluated"]:
+            if key.split(".")[-1] not in ("evaluated", "reason"):
+                continue
+        if ".SPACE" in key:
+            for space in ("embedding", "raw_features"):
+                _lookup(metrics, key.replace("SPACE", space), head)
+        else:
+            _lookup(metrics, key, head)
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +277,15 @@ def test_report_folder_has_valid_json_pngs_and_html(cli_report):
     code, out = cli_report
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in _documented_keys():
-        if key.startswith("."):
-            continue  # a sibling shorthand like `.recall`, covered by the full keys
-        if ".SPACE" in key:
-            for space in ("embedding", "raw_features"):
-                _lookup(metrics, key.replace("SPACE", space), "label")
-        else:
-            _lookup(metrics, key, "label")
+    check_documented_keys(metrics, "label")
+    # The tiny bundle has neither a hierarchy nor tags: said so, and no section on the page.
+    assert metrics["hierarchy"] == {
+        "evaluated": False,
+        "reason": "the bundle has no label hierarchy",
+        "mode": None,
+        "levels": [],
+    }
+    assert metrics["tags"] == {"evaluated": False, "reason": "the bundle predicts no tags", "column": None}
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} >= {"training.png", "examples.png", "retrieval.png", "confusion-0-label.png"}
     for png in pngs:
@@ -255,6 +296,7 @@ def test_report_folder_has_valid_json_pngs_and_html(cli_report):
     referenced = set(re.findall(r'<img src="([^"]+)"', page))
     assert referenced == {p.name for p in pngs}  # every plot shown, nothing dangling
     assert "http" not in page.replace("http-equiv", "")  # no external resource: opens offline
+    assert "<h2>Hierarchy" not in page and "<h2>Tags" not in page
     for column in ("label", "colour"):
         for name in metrics["heads"][column]["plots"].values():
             assert (out / name).is_file()
