@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -13,12 +14,15 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
+import numpy as np
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES
-from werkzeug.datastructures import FileStorage
+from PIL import Image
+from werkzeug.datastructures import FileStorage, MultiDict
 from werkzeug.test import encode_multipart
 
 from recommender.bundle import write_json
@@ -126,6 +130,85 @@ def assert_same_neighbors(answered: list[dict], direct: list[dict]) -> None:
     assert [n["labels"] for n in answered] == [n["labels"] for n in direct]
 
 
+class Page(HTMLParser):
+    """What a test needs of a rendered page: the results form, attribute values, cards, active filters.
+
+    Attributes:
+        hidden: ``(name, value)`` of the results form's hidden fields, in order.
+        buttons: attributes of the results form's buttons (``name``, ``value``, ``data-*``...).
+        facets: attribute values shown (buttons, links or text): their attributes plus ``tag``
+            and ``text``, in page order.
+        cards: ``(item id, {(column, value)})`` of each product card, from its chips.
+        active: ``(column, value)`` of each active-filter chip.
+    """
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.hidden: list[tuple[str, str]] = []
+        self.buttons: list[dict] = []
+        self.facets: list[dict] = []
+        self.cards: list[tuple[str, set]] = []
+        self.active: list[tuple[str, str]] = []
+        self._in_form = False
+        self._facet: dict | None = None
+        self._depth = 0
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attributes = {name: value or "" for name, value in attrs}
+        classes = attributes.get("class", "").split()
+        if self._facet is not None:
+            self._depth += 1
+        if tag == "form" and "refine" in classes:
+            self._in_form = True
+        if self._in_form and tag == "input" and attributes.get("type") == "hidden":
+            self.hidden.append((attributes["name"], attributes["value"]))
+        if self._in_form and tag == "button":
+            self.buttons.append(attributes)
+        if "facet" in classes:
+            self._facet = {**attributes, "tag": tag, "text": ""}
+            self._depth = 0
+            self.facets.append(self._facet)
+        if tag == "a" and "card-link" in classes:
+            self.cards.append((unquote(attributes["href"].removeprefix("/items/")), set()))
+        if tag == "li" and "chip" in classes:
+            self.cards[-1][1].add((attributes["data-column"], attributes["data-value"]))
+        if "filter-chip" in classes:
+            self.active.append((attributes["data-column"], attributes["data-value"]))
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self._in_form = False
+        if self._facet is not None:
+            if self._depth == 0:
+                self._facet["text"] = " ".join(self._facet["text"].split())
+                self._facet = None
+            else:
+                self._depth -= 1
+
+    def handle_data(self, data):
+        if self._facet is not None:
+            self._facet["text"] += data
+
+    @property
+    def card_ids(self) -> list[str]:
+        return [item_id for item_id, _ in self.cards]
+
+    def facet(self, column: str, value: str) -> dict:
+        """The attribute value shown for ``column:value`` (fails the test when absent)."""
+        found = [f for f in self.facets if (f.get("data-column"), f.get("data-value")) == (column, value)]
+        assert len(found) == 1, f"{column}:{value} shown {len(found)} times"
+        return found[0]
+
+
+def click(client, page: Page, name: str, value: str):
+    """Submits the results page's form as a browser does when the button ``name=value`` is clicked."""
+    assert any(b.get("name") == name and b.get("value") == value for b in page.buttons), f"no {name}={value} button"
+    boundary, body = encode_multipart(MultiDict([*page.hidden, (name, value)]))
+    return client.post("/", data=body, content_type=f"multipart/form-data; boundary={boundary}")
+
+
 # -- configuration -------------------------------------------------------------------------
 
 
@@ -210,6 +293,24 @@ def test_search_form_shows_prediction_and_six_cards(client, engine, catalog_phot
     assert f"{direct['predicted']['label']['probability'] * 100:.0f}% sure" in page
     assert direct["predicted"]["colour"]["label"] in page
     assert 'src="data:image/jpeg;base64,' in page  # the query photo is shown back
+
+
+def test_results_page_values_narrow_the_neighbours_on_a_bundle_without_tags(client, engine, catalog_photo):
+    page = Page(form_post(client, "/", catalog_photo).get_data(as_text=True))
+    direct = engine.query(catalog_photo, k=6)
+    colour = direct["predicted"]["colour"]["label"]
+    assert [(f["data-column"], f["tag"]) for f in page.facets] == [("label", "button"), ("colour", "button")]
+    assert page.facet("colour", colour)["text"] == f"{colour} {direct['predicted']['colour']['probability'] * 100:.0f}%"
+
+    narrowed = Page(click(client, page, "toggle", f"colour:{colour}").get_data(as_text=True))
+    expected = engine.query(catalog_photo, k=6, filters={"colour": colour})
+    assert narrowed.card_ids == [n["id"] for n in expected["neighbors"]]
+    assert all(("colour", colour) in chips for _, chips in narrowed.cards)
+    assert narrowed.active == [("colour", colour)] and ("filter", f"colour:{colour}") in narrowed.hidden
+    assert narrowed.facet("colour", colour)["aria-pressed"] == "true"
+
+    again = Page(click(client, narrowed, "toggle", f"colour:{colour}").get_data(as_text=True))
+    assert again.card_ids == [n["id"] for n in direct["neighbors"]] and again.active == []
 
 
 def test_search_form_without_a_photo_shows_the_form_again(client):
@@ -353,6 +454,17 @@ def test_items_similar_answers_like_the_engine(client, engine):
     assert len(client.get(f"/api/v1/items/{engine.rows[0]['id']}/similar").get_json()["neighbors"]) == 6
 
 
+def test_filters_on_a_bundle_without_hierarchy_or_tags(client, engine, catalog_photo):
+    body = form_post(client, "/api/v1/similar?filter=colour:blue&filter=label:dots", catalog_photo).get_json()
+    direct = engine.query(catalog_photo, k=6, filters={"colour": "blue", "label": "dots"})
+    assert set(body) == {"predicted", "neighbors", "filter", "bundle"}
+    assert body["filter"] == direct["filter"]
+    assert_same_neighbors(body["neighbors"], direct["neighbors"])
+    assert all(n["labels"]["colour"] == "blue" and n["labels"]["label"] == "dots" for n in body["neighbors"])
+    message = error_of(client.get("/api/v1/items/plain-red-000/similar?filter=tags:warm"), 400, "invalid_filter")
+    assert "unknown filter column 'tags'" in message and "label, colour" in message
+
+
 def test_unknown_ids_and_routes_are_json_404_under_api(client):
     assert "nope" in error_of(client.get("/api/v1/items/nope/similar"), 404, "unknown_item")
     error_of(client.get("/api/v1/no-such-endpoint"), 404, "not_found")
@@ -460,6 +572,20 @@ def test_configured_upload_limit(evil_app, catalog_photo):
     assert "0.05 MB" in message
 
 
+def test_a_photo_too_large_to_travel_back_shows_its_attributes_without_buttons(evil_app):
+    """Re-posting the photo must fit the upload limit; where it would not, the values are plain text."""
+    client = evil_app.test_client()
+    noise = np.random.default_rng(0).integers(0, 256, (110, 110, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    assert 36_000 < buffer.tell() < 40_000  # under the 50 kB limit, but not as base64 with the form
+    response = form_post(client, "/", buffer.getvalue(), filename="noise.png")
+    assert response.status_code == 200
+    page = Page(response.get_data(as_text=True))
+    assert page.hidden == [] and page.buttons == [] and len(page.cards) == 6
+    assert [(f["tag"], f["data-column"]) for f in page.facets] == [("span", "label"), ("span", "colour")]
+
+
 def test_chunked_uploads_are_held_to_the_limit_too(evil_app, catalog_photo):
     """A chunked body has no Content-Length: the limit must still give 413, not a cut-off image."""
     from werkzeug.serving import make_server
@@ -495,18 +621,27 @@ def test_chunked_uploads_are_held_to_the_limit_too(evil_app, catalog_photo):
 # -- concurrency on a real server ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def live_server(app):
-    """The module's app on Werkzeug's threaded server at 127.0.0.1:<free port>; yields the base URL."""
+@contextlib.contextmanager
+def serving(app):
+    """Serves ``app`` on Werkzeug's threaded server at 127.0.0.1:<free port>; yields the base URL."""
     from werkzeug.serving import make_server
 
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(app):
+    """The module's app on a real threaded server; yields the base URL."""
+    with serving(app) as url:
+        yield url
 
 
 def _http(base: str, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
@@ -631,7 +766,19 @@ def test_browser_upload_results_and_item_page(browser, live_server, engine):
     )
     browser.save_screenshot(str(ARTIFACTS / "webapp-results.png"))
 
-    first = expected["neighbors"][0]
+    # Clicking the predicted colour re-posts the photo with that filter: only items of that colour.
+    colour = expected["predicted"]["colour"]["label"]
+    browser.find_element(By.CSS_SELECTOR, f'button.facet[value="colour:{colour}"]').click()
+    wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".filter-bar")))
+    narrowed = engine.query(Path(photo).read_bytes(), k=6, filters={"colour": colour})
+    cards = browser.find_elements(By.CSS_SELECTOR, ".result .card")
+    assert [
+        card.find_element(By.CSS_SELECTOR, "a").get_attribute("href").rsplit("/items/", 1)[1] for card in cards
+    ] == [n["id"] for n in narrowed["neighbors"]]
+    for card in cards:
+        card.find_element(By.CSS_SELECTOR, f'.chip.is-match[data-column="colour"][data-value="{colour}"]')
+
+    first = narrowed["neighbors"][0]
     cards[0].find_element(By.CSS_SELECTOR, "a").click()
     wait.until(expected_conditions.url_contains(f"/items/{first['id']}"))
     assert browser.find_element(By.CSS_SELECTOR, "h1").text == engine.item(first["id"])["extra"]["title"]

@@ -59,6 +59,9 @@ def create_app(config: Mapping | None = None) -> Flask:
     app.config.update(
         WEB=settings,
         MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        # The results page re-posts the searched photo as a base64 form field (webapp.query_photo);
+        # hold form fields to the upload limit rather than Werkzeug's 500 kB default.
+        MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes,
         DEBUG=settings.development,
     )
     app.config.update({key: value for key, value in (config or {}).items() if key.isupper()})

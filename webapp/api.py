@@ -1,11 +1,11 @@
-"""The JSON API under /api/v1: similar items for an uploaded photo or for a catalog item."""
+"""The JSON API under /api/v1: similar items for an uploaded photo or for a catalog item, optionally filtered."""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify, request
 
 from webapp import service
-from webapp.inputs import parse_k, uploaded_image
+from webapp.inputs import InvalidFilter, parse_k, request_filters, uploaded_image
 
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
@@ -18,21 +18,38 @@ def similar_to_upload():
     application/octet-stream). A photo that is itself a catalog item is left out of its own
     neighbours, as in the CLI.
 
+    Parameters (query string; ``filter`` and ``match_predicted`` also as multipart form fields):
+        k: neighbours, 1..100 (default 6).
+        filter: ``column:value``, repeatable: only neighbours with that value in a label column
+            or among their tags. Columns are ANDed, values of one column ORed:
+            ``filter=colour:red&filter=colour:blue&filter=tags:striped`` is "red or blue, and
+            striped". The value is everything after the first ``:``.
+        match_predicted: a label column, repeatable: only neighbours whose value in it equals
+            the photo's *predicted* value (e.g. ``match_predicted=department``). A column
+            cannot be given both as a filter and here.
+
     Returns:
-        ``{"predicted": {column: {"label", "probability"}}, "neighbors": [{"id", "distance",
-        "labels", "image", "image_url"}], "bundle": bundle id}``.
+        ``{"predicted": {column: {"label", "probability"}}, "hierarchy"?: {"levels", "path",
+        "probability", "mode"}, "tags"?: [{"tag", "probability"}], "neighbors": [{"id",
+        "distance", "labels", "tags"?, "image", "image_url"}], "filter"?: {"applied": {column:
+        [values]}, "matching_items", "complete", "note"?}, "bundle": bundle id}``. ``hierarchy``
+        and ``tags`` come with bundles that have them; ``filter`` when a filter was given.
+        Fewer than k neighbours when fewer catalog items match: ``complete`` is false and
+        ``note`` says how many.
+
+    Errors:
+        400 ``invalid_filter``: a filter without ``:``, an unknown column or value, a column
+        given both ways, or ``match_predicted`` naming no predicted label column (the message
+        says which and lists what is known).
     """
     k = parse_k(request.args.get("k"), current_app.config["WEB"].default_k)
+    filters, match_predicted = request_filters()
     data = uploaded_image()
-    engine = service.engine()
-    answer = engine.query(data, k)
-    return jsonify(
-        {
-            "predicted": answer["predicted"],
-            "neighbors": service.with_image_urls(answer["neighbors"]),
-            "bundle": engine.bundle_id,
-        }
-    )
+    answer = service.query(data, k, filters=filters, match_predicted=match_predicted)
+    body = {key: answer[key] for key in service.ANSWER_KEYS if key in answer}
+    body["neighbors"] = service.with_image_urls(answer["neighbors"])
+    body["bundle"] = service.engine().bundle_id
+    return jsonify(body)
 
 
 @api.get("/items/<path:item_id>/similar")
@@ -42,11 +59,25 @@ def similar_to_item(item_id: str):
     Uses the item's stored embedding (no image decoding, no forward pass) and leaves the item
     itself out.
 
+    Parameters (query string):
+        k: neighbours, 1..100 (default 6).
+        filter: ``column:value``, repeatable, as for ``POST /api/v1/similar``. (There is no
+            ``match_predicted`` here: the item's own labels are known, so filter on them.)
+
     Returns:
-        ``{"id", "labels", "neighbors": [...], "bundle": bundle id}``.
+        ``{"id", "labels", "tags"?, "neighbors": [...], "filter"?: {...}, "bundle": bundle id}``.
+
+    Errors:
+        400 ``invalid_filter`` (as for uploads, and for ``match_predicted``); 404 ``unknown_item``.
     """
     k = parse_k(request.args.get("k"), current_app.config["WEB"].default_k)
-    answer = service.similar_to_item(item_id, k)
+    filters, match_predicted = request_filters()
+    if match_predicted:
+        raise InvalidFilter(
+            "match_predicted applies to an uploaded photo only; for a catalog item, filter on its own "
+            "labels, e.g. filter=colour:red"
+        )
+    answer = service.similar_to_item(item_id, k, filters)
     return jsonify(
         {**answer, "neighbors": service.with_image_urls(answer["neighbors"]), "bundle": service.engine().bundle_id}
     )

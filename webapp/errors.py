@@ -92,7 +92,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(QueryError)
     def invalid_query(error: QueryError):
-        return error_response(400, "invalid_k", str(error))
+        # The views check k and filters first and raise their own codes; this is the fallback.
+        return error_response(400, "invalid_query", str(error))
 
     @app.errorhandler(RecommenderError)
     def library_error(error: RecommenderError):

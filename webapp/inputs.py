@@ -1,4 +1,4 @@
-"""Reading what a request sends: the ``k`` parameter and the uploaded image bytes (never decoded here)."""
+"""Reading what a request sends: ``k``, attribute filters, and the uploaded image bytes (never decoded here)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from flask import request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from recommender.engine import MAX_K
+from recommender.errors import FilterError
+from recommender.filters import parse_filters
 
 #: Raw-body content types taken as an encoded image (the engine decides whether it is one).
 RAW_IMAGE_TYPES = ("application/octet-stream",)
+
+#: Between column and value in a ``filter`` parameter: ``?filter=colour:red``.
+FILTER_SEPARATOR = ":"
 
 _WHOLE_NUMBER = re.compile(r"[0-9]{1,6}")
 
@@ -49,6 +54,51 @@ def parse_k(raw: str | None, default: int) -> int:
     if not _WHOLE_NUMBER.fullmatch(raw) or not 1 <= int(raw) <= MAX_K:
         raise BadInput(f"k must be a whole number from 1 to {MAX_K}, got {raw[:20]!r}", "invalid_k")
     return int(raw)
+
+
+class InvalidFilter(BadInput):
+    """400 for a malformed filter, or one the served bundle cannot apply (``invalid_filter``)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "invalid_filter")
+
+
+def parse_filter_args(items: list[str]) -> dict[str, list[str]]:
+    """Reads repeated ``filter=column:value`` parameters into ``{column: [values]}``.
+
+    Only the form is checked here; whether the bundle has the column and the value is the
+    engine's call.
+
+    Raises:
+        InvalidFilter: an item without ``:``, or with an empty column or value (400).
+    """
+    try:
+        return parse_filters(items, FILTER_SEPARATOR)
+    except FilterError as error:
+        raise InvalidFilter(str(error)) from None
+
+
+def request_filters() -> tuple[dict[str, list[str]], list[str]]:
+    """The ``filter`` and ``match_predicted`` parameters of the current request.
+
+    Both are repeatable and are read from the query string and, for a multipart body, from
+    its form fields too (the two are merged).
+
+    Returns:
+        ``({column: [values]}, [label columns])``; both empty when none were sent.
+
+    Raises:
+        InvalidFilter: a malformed filter, or an empty ``match_predicted`` (400).
+    """
+    filters = request.args.getlist("filter")
+    match_predicted = request.args.getlist("match_predicted")
+    if request.mimetype == "multipart/form-data":
+        filters += request.form.getlist("filter")
+        match_predicted += request.form.getlist("match_predicted")
+    columns = [column.strip() for column in match_predicted]
+    if not all(columns):
+        raise InvalidFilter("match_predicted needs a label column name, e.g. match_predicted=colour")
+    return parse_filter_args(filters), list(dict.fromkeys(columns))
 
 
 def uploaded_image() -> bytes:

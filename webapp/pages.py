@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 from pathlib import Path
 
-from flask import Blueprint, current_app, render_template, request, send_file
+from flask import Blueprint, current_app, render_template, request, send_file, url_for
 from werkzeug.exceptions import NotFound
 
-from webapp import service
-from webapp.inputs import BadInput, uploaded_image
+from webapp import attributes, service
+from webapp.inputs import BadInput, parse_filter_args, uploaded_image
+from webapp.query_photo import QueryPhoto
 
 log = logging.getLogger(__name__)
 pages = Blueprint("pages", __name__)
 
-#: Uploads up to this size are shown back on the results page (as a data: URL).
+#: A carried photo is shown back (as a data: URL) up to this size.
 PREVIEW_LIMIT_BYTES = 2_000_000
 
-#: Leading bytes -> MIME type of the formats every browser shows; only these are echoed back.
-_SIGNATURES = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
-)
-
-
-def browser_image_type(data: bytes) -> str | None:
-    """The MIME type of encoded image bytes a browser can show, from their signature (no decoding)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    for signature, mimetype in _SIGNATURES:
-        if data.startswith(signature):
-            return mimetype
-    return None
+#: Room left in a re-post for everything but the carried photo (filters, multipart framing).
+FORM_OVERHEAD_BYTES = 8_000
 
 
 def sample_cards(count: int) -> list[dict]:
@@ -52,7 +36,8 @@ def render_home(error: str | None = None, result: dict | None = None) -> str:
 
     Args:
         error: a message to show above the form (a failed search).
-        result: a search's ``{"heads", "cards", "preview"}``.
+        result: a search's ``{"heads", "attributes", "active", "filters", "tags_column",
+            "filter", "cards", "preview", "carry"}`` (see :func:`search`).
     """
     engine = service.engine()
     config = current_app.config["WEB"]
@@ -66,6 +51,19 @@ def render_home(error: str | None = None, result: dict | None = None) -> str:
     )
 
 
+def _next_filters(form) -> dict[str, list[str]]:
+    """The filters a results-page click asks for: those in force (hidden ``filter`` fields),
+    then the clicked button: ``toggle=column:value``, ``remove=column:value`` or ``clear``."""
+    active = parse_filter_args(form.getlist("filter"))
+    if form.get("clear"):
+        return {}
+    if form.get("remove"):
+        active = attributes.without(active, *attributes.split_token(form["remove"]))
+    if form.get("toggle"):
+        active = attributes.toggled(active, *attributes.split_token(form["toggle"]))
+    return active
+
+
 @pages.get("/")
 def home():
     """``GET /``: the demo page."""
@@ -74,37 +72,74 @@ def home():
 
 @pages.post("/")
 def search():
-    """``POST /``: the demo page's form post (field ``image``); renders the results page.
+    """``POST /``: the demo page's form posts; renders the results page.
 
-    Errors (no file, not an image, too large) show the form again with the reason.
+    Two forms post here. The upload form sends the file field ``image`` (a new search, no
+    filters). The results page's own form re-sends the photo it searched with (hidden fields
+    ``query_image``, ``query_sha256``: see :mod:`webapp.query_photo`), the filters in force
+    (hidden, repeated ``filter=column:value``) and the button clicked: ``toggle=column:value``
+    (an attribute value), ``remove=column:value`` (an active filter) or ``clear``. Nothing is
+    kept on the server between the two, so any worker answers any click.
+
+    Errors (no file, not an image, too large, a damaged form, an unknown filter) show the
+    form again with the reason.
     """
-    data = uploaded_image()
-    chosen = request.files.get("image")
-    if not data and (chosen is None or not chosen.filename):
-        # A browser sends an empty, nameless file part when nothing was chosen.
-        raise BadInput("Choose a photo first.", "missing_image")
     engine = service.engine()
-    answer = engine.query(data, current_app.config["WEB"].default_k)
-    mimetype = browser_image_type(data) if len(data) <= PREVIEW_LIMIT_BYTES else None
-    preview = f"data:{mimetype};base64,{base64.b64encode(data).decode('ascii')}" if mimetype else None
+    config = current_app.config["WEB"]
+    multipart = request.mimetype == "multipart/form-data"
+    chosen = request.files.get("image")
+    # A browser sends an empty, nameless file part when nothing was chosen.
+    picked = chosen is not None and bool(chosen.filename)
+    carried = QueryPhoto.from_form(request.form) if multipart and not picked else None
+    if carried is not None:
+        photo, active = carried, _next_filters(request.form)
+    else:
+        data = uploaded_image() if chosen is not None or not multipart else b""
+        if not data and not picked:
+            raise BadInput("Choose a photo first.", "missing_image")
+        photo, active = QueryPhoto.from_upload(data, engine.backbone.input_size, engine.max_pixels), {}
+    answer = service.query(photo.image_bytes(), config.default_k, filters=active)
+    fields = photo.form_fields()
+    # A photo that could not travel back within the upload limit is shown without buttons.
+    refinable = len(fields["query_image"]) + FORM_OVERHEAD_BYTES <= config.max_upload_bytes
     result = {
         "heads": service.predicted_heads(answer["predicted"]),
+        "attributes": attributes.of_query(engine, answer, active),
+        "active": attributes.active_filters(active),
+        "filters": active,
+        "tags_column": engine.label_space.tags_column,
+        "filter": answer.get("filter"),
         "cards": service.neighbor_cards(answer["neighbors"]),
-        "preview": preview,
+        "preview": photo.preview_url() if len(photo.data) <= PREVIEW_LIMIT_BYTES else None,
+        "carry": {**fields, "filter": attributes.filter_tokens(active)} if refinable else None,
     }
     return render_home(result=result)
 
 
 @pages.get("/items/<path:item_id>")
 def item_page(item_id: str):
-    """``GET /items/<id>``: a product and its similar items."""
+    """``GET /items/<id>``: a product, its attributes and its similar items.
+
+    ``?filter=column:value`` (repeatable, as in the API) narrows the similar items; each
+    attribute value on the page is a link that toggles its filter.
+    """
     row = service.catalog_row(item_id)
-    similar = service.similar_to_item(item_id, current_app.config["WEB"].default_k)
+    active = parse_filter_args(request.args.getlist("filter"))
+    similar = service.similar_to_item(item_id, current_app.config["WEB"].default_k, active)
+
+    def link(filters: dict[str, list[str]]) -> str:
+        return url_for("pages.item_page", item_id=item_id, filter=attributes.filter_tokens(filters)) + "#similar"
+
     return render_template(
         "item.html",
         item=service.card(row),
         extra={key: value for key, value in (row.get("extra") or {}).items() if key != "title" and value},
-        label_columns=service.engine().label_columns,
+        attributes=attributes.of_item(service.engine(), row, active, link),
+        active=attributes.active_filters(active, link),
+        filters=active,
+        tags_column=service.engine().label_space.tags_column,
+        clear_url=link({}),
+        filter=similar.get("filter"),
         cards=service.neighbor_cards(similar["neighbors"]),
     )
 

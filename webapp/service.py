@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from flask import current_app, g, url_for
 
+from recommender.errors import FilterError
 from webapp.errors import UnknownItem
+from webapp.inputs import InvalidFilter
+
+#: The engine's answer keys an upload's JSON answer carries, in this order (those present).
+ANSWER_KEYS = ("predicted", "hierarchy", "tags", "neighbors", "filter")
 
 
 def engine():
@@ -30,17 +37,38 @@ def catalog_row(item_id: str) -> dict:
         raise UnknownItem(item_id) from None
 
 
-def similar_to_item(item_id: str, k: int) -> dict:
-    """Neighbours of a catalog item from its stored embedding.
+def query(image, k: int, *, filters: dict | None = None, match_predicted: Sequence[str] = ()) -> dict:
+    """The engine's answer for one photo: predictions and its ``k`` nearest (filtered) items.
+
+    Args:
+        image: encoded bytes or ``ImageBytes``.
+        k: neighbours, already checked by :func:`webapp.inputs.parse_k`.
+        filters: ``{column: [values]}``; empty or None: no filter.
+        match_predicted: label columns whose predicted value the neighbours must share.
+
+    Raises:
+        InvalidImageError: not a usable image (400).
+        InvalidFilter: an unknown filter column or value, or a column given both ways (400).
+    """
+    try:
+        return engine().query(image, k, filters=filters or None, match_predicted=match_predicted)
+    except FilterError as error:
+        raise InvalidFilter(str(error)) from None
+
+
+def similar_to_item(item_id: str, k: int, filters: dict | None = None) -> dict:
+    """Neighbours of a catalog item from its stored embedding, optionally filtered.
 
     Raises:
         UnknownItem: no such id (404).
-        QueryError: ``k`` out of range (400).
+        InvalidFilter: an unknown filter column or value (400).
     """
     try:
-        return engine().similar_to_item(item_id, k)
+        return engine().similar_to_item(item_id, k, filters=filters or None)
     except KeyError:
         raise UnknownItem(item_id) from None
+    except FilterError as error:
+        raise InvalidFilter(str(error)) from None
 
 
 def with_image_urls(neighbors: list[dict]) -> list[dict]:
@@ -55,11 +83,12 @@ def title_of(row: dict) -> str:
 
 
 def card(row: dict, distance: float | None = None) -> dict:
-    """What a product card shows: title, labels, distance, links."""
+    """What a product card shows: title, labels, tags, distance, links."""
     return {
         "id": row["id"],
         "title": title_of(row),
         "labels": row["labels"],
+        "tags": list(row.get("tags") or ()),
         "distance": distance,
         "image_url": url_for("pages.catalog_image", item_id=row["id"]),
         "item_url": url_for("pages.item_page", item_id=row["id"]),

@@ -1,8 +1,16 @@
-// Progressive enhancement of the search form: drag and drop, a preview, a size check.
-// Without JavaScript the form is a plain multipart post and works the same.
+// Progressive enhancement of the search form: drag and drop, a preview, a size check; and a busy
+// state for the results form. Without JavaScript both are plain multipart posts and work the same.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
+  // The results form re-posts the photo when an attribute is clicked: show that it is busy.
+  // (Its buttons stay enabled: a button disabled during submit would drop its own value.)
+  const refine = document.querySelector("form.refine");
+  if (refine) {
+    refine.addEventListener("submit", () => refine.classList.add("is-busy"));
+    window.addEventListener("pageshow", () => refine.classList.remove("is-busy"));
+  }
+
   const form = document.querySelector("form.upload");
   if (!form) return;
   const input = form.querySelector("input[type=file]");
