@@ -243,7 +243,7 @@ class LabelSpace:
             hierarchy_mode=hierarchy_mode if taxonomy else None,
             tags_column=tags_column,
             tags=tag_names,
-            thresholds=np.full(len(tag_names), 0.5, np.float32) if tag_names else None,
+            thresholds=np.full(len(tag_names), 0.5) if tag_names else None,
             threshold_mode=threshold_mode,
             tags_separator=tags_separator,
         )
@@ -420,7 +420,7 @@ class LabelSpace:
         truth = truth.astype(bool)
         at_half = micro_f1(truth, scores >= 0.5)
         best_global = max(THRESHOLD_GRID, key=lambda t: (micro_f1(truth, scores >= t), -abs(t - 0.5)))
-        thresholds = np.full(truth.shape[1], best_global, np.float32)
+        thresholds = np.full(truth.shape[1], float(best_global))
         if self.threshold_mode == "per_tag":
             for tag in np.flatnonzero(truth.sum(axis=0) >= MIN_POSITIVES_PER_TAG):
 
@@ -490,7 +490,7 @@ class LabelSpace:
             hierarchy_mode=payload.get("hierarchy_mode"),
             tags_column=tags["column"] if tags else None,
             tags=list(tags["names"]) if tags else [],
-            thresholds=np.array(tags["thresholds"], np.float32) if tags else None,
+            thresholds=np.array(tags["thresholds"], np.float64) if tags else None,
             threshold_mode=tags["threshold_mode"] if tags else "global",
             tags_separator=tags["separator"] if tags else "|",
         )

@@ -102,9 +102,9 @@ def test_multilabel_macro_leaves_out_tags_neither_true_nor_predicted():
 
 def test_tag_metrics_use_the_bundle_thresholds_and_compare_with_half():
     truth = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], bool)
-    # float32 like the model's sigmoid outputs and the bundle's thresholds: 0.6 reaches 0.6
+    # float32 like the model's sigmoid outputs: 0.6 (float32) reaches the threshold 0.6
     scores = np.array([[0.4, 0.1], [0.7, 0.6], [0.2, 0.9], [0.35, 0.55]], np.float32)
-    figures = tag_metrics(truth, scores, np.array([0.3, 0.6], np.float32), ["warm", "cool"])
+    figures = tag_metrics(truth, scores, np.array([0.3, 0.6]), ["warm", "cool"])
     # thresholds 0.3 / 0.6: warm predicted for rows 0, 1, 3 (2 right, 1 wrong); cool for rows 1, 2 (both right)
     assert figures["at_thresholds"]["micro"] == pytest.approx({"precision": 4 / 5, "recall": 1.0, "f1": 8 / 9})
     # at 0.5: warm for row 1 only; cool for rows 1, 2, 3 (one wrong)

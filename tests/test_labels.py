@@ -142,7 +142,7 @@ def test_combined_head_covers_paths_and_encodes_them():
 def test_label_space_round_trips_through_json_and_reads_version_1():
     tags = [("warm",), ("cool", "striped"), ()] * 7
     space = _space("hierarchical", tags=tags)
-    space.thresholds = np.array([0.3, 0.6, 0.45], np.float32)
+    space.thresholds = np.array([0.3, 0.6, 0.45])
     again = LabelSpace.from_json(space.to_json())
     assert again.heads == space.heads and again.taxonomy == space.taxonomy and again.tags == ["cool", "striped", "warm"]
     assert np.array_equal(again.thresholds, space.thresholds)
