@@ -28,10 +28,10 @@ from recommender.errors import CatalogError, TrainingError
 HIERARCHY_MODES = ("hierarchical", "combined")
 THRESHOLD_MODES = ("global", "per_tag")
 
-#: Default decoding of a hierarchy (measured, see the README's "Hierarchies" section).
+#: Default decoding of a hierarchy (measured: README, "Hierarchies: combined or hierarchical").
 DEFAULT_HIERARCHY_MODE = "hierarchical"
 
-#: Default tag thresholds (measured, see the README's "Tags" section).
+#: Default tag thresholds (measured: README, "Tags: one threshold or one per tag").
 DEFAULT_THRESHOLD_MODE = "global"
 
 #: A tag gets its own threshold only with at least this many validation positives (per_tag mode).
