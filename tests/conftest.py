@@ -123,6 +123,27 @@ def attribute_build(generated_catalog, session_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def combined_cli_build(generated_catalog, session_store, tmp_path_factory) -> tuple[Path, int, str]:
+    """The attribute catalog built through the CLI with one combined head over full paths
+    (shared by the CLI and evaluate tests: one training); returns ``(bundle, exit code, stderr)``."""
+    import contextlib
+    import io
+
+    from recommender.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "combined"
+    common = ["--id-column", "id", "--weights", "none", "--image-size", "64", "--feature-store", str(session_store)]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(
+            ["build", "--catalog", str(generated_catalog), "--out", str(out), *common, "--label-column", "label",
+             "--label-column", "colour", "--hierarchy", "department>family>label", "--hierarchy-mode", "combined",
+             "--tags-column", "tags", "--epochs", "20"]
+        )  # fmt: skip
+    return out, code, stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
 def attribute_bundle(attribute_build) -> Path:
     """Path of the session's hierarchy + tags bundle (do not modify it)."""
     return attribute_build[0]

@@ -187,19 +187,12 @@ def test_bad_filters_are_refused(attribute_engine, generated_catalog, filters, m
 # -- the combined mode, built through the CLI --------------------------------------------------
 
 
-def test_cli_builds_combined_mode_and_filters_queries(generated_catalog, session_store, tmp_path, capsys):
+def test_cli_builds_combined_mode_and_filters_queries(combined_cli_build, generated_catalog, capsys):
     from recommender.cli import main
 
-    out = tmp_path / "combined"
-    common = ["--id-column", "id", "--weights", "none", "--image-size", "64", "--feature-store", str(session_store)]
-    code = main(
-        ["build", "--catalog", str(generated_catalog), "--out", str(out), *common, "--label-column", "label",
-         "--label-column", "colour", "--hierarchy", "department>family>label", "--hierarchy-mode", "combined",
-         "--tags-column", "tags", "--epochs", "20"]
-    )  # fmt: skip
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    assert "hierarchy (combined): path score" in captured.err and "tags: validation micro-F1" in captured.err
+    out, code, stderr = combined_cli_build
+    assert code == 0, stderr
+    assert "hierarchy (combined): path score" in stderr and "tags: validation micro-F1" in stderr
     labels = json.loads((out / "labels.json").read_text())
     assert labels["hierarchy_mode"] == "combined"
     assert [h["target"] for h in labels["heads"]] == ["path", "column", "tags"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ATTRIBUTE_HIERARCHY, TINY_COLOURS, TINY_PATTERNS, TINY_SIZE, attribute_build_config
+from conftest import ATTRIBUTE_HIERARCHY, TINY_COLOURS, TINY_PATTERNS, TINY_SIZE
 from sklearn.metrics import precision_recall_fscore_support
 from test_evaluate import check_documented_keys
 
@@ -125,12 +125,10 @@ def test_multi_hot_leaves_out_tags_the_bundle_never_saw():
 
 
 @pytest.fixture(scope="module")
-def combined_bundle(generated_catalog, session_store, tmp_path_factory) -> Path:
-    """The attribute catalog built with one combined head over full paths."""
-    from indexer.build import build_bundle
-
-    out = tmp_path_factory.mktemp("bundles") / "combined"
-    build_bundle(generated_catalog, out, attribute_build_config(session_store, "combined"))
+def combined_bundle(combined_cli_build) -> Path:
+    """The attribute catalog built with one combined head over full paths (through the CLI)."""
+    out, code, stderr = combined_cli_build
+    assert code == 0, stderr
     return out
 
 
