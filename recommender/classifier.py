@@ -21,7 +21,7 @@ from sklearn.utils.class_weight import compute_sample_weight
 
 from recommender.checkpoints import checkpoint
 from recommender.errors import TrainingError
-from recommender.labels import HeadSpec, LabelSpace
+from recommender.labels import HeadSpec, LabelSpace, path_score
 from recommender.scalers import fit_scaler, transform
 
 log = logging.getLogger(__name__)
@@ -310,9 +310,7 @@ def validation_metrics(space: LabelSpace, outputs: dict[str, np.ndarray], truth:
         found["hierarchy"] = {
             "mode": space.hierarchy_mode,
             "levels": list(space.taxonomy.levels),
-            "path_score": float(levels.sum(axis=1).mean()),
-            "path_score_max": len(space.taxonomy.levels),
-            "path_accuracy": float(levels.all(axis=1).mean()),
+            **path_score(levels),
         }
     return found
 

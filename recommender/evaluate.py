@@ -43,6 +43,7 @@ import numpy as np
 from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import InvalidImageError
 from recommender.images import load_image_with_hash
+from recommender.labels import path_score
 
 
 @dataclass
@@ -278,17 +279,17 @@ def hierarchy_metrics(
         [[t == p for t, p in zip(true_path, predicted_path)] for true_path, predicted_path in zip(truth, predicted)],
         bool,
     ).reshape(len(truth), len(levels))
-    points = correct.sum(axis=1)
-    empty = not len(truth)
+    scores = path_score(correct)
     return {
         "queries": len(truth),
         "level_accuracy": {
-            level: float("nan") if empty else float(correct[:, depth].mean()) for depth, level in enumerate(levels)
+            level: float("nan") if not len(truth) else float(correct[:, depth].mean())
+            for depth, level in enumerate(levels)
         },
-        "path_score": float("nan") if empty else float(points.mean()),
-        "path_score_max": len(levels),
-        "path_score_total": int(points.sum()),
-        "path_accuracy": float("nan") if empty else float(correct.all(axis=1).mean()),
+        "path_score": scores["path_score"],
+        "path_score_max": scores["path_score_max"],
+        "path_score_total": int(correct.sum()),
+        "path_accuracy": scores["path_accuracy"],
     }
 
 

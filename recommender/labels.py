@@ -499,6 +499,28 @@ class LabelSpace:
         return space
 
 
+def path_score(correct: np.ndarray) -> dict:
+    """The path score of predicted taxonomy paths, from which levels each row got right.
+
+    Args:
+        correct: (n, levels) bool, root first: whether the predicted path's value at that
+            level is right.
+
+    Returns:
+        ``{"path_score"``: mean correct levels per row, one point per level as the original
+        comparison of combined and hierarchical heads counted it; ``"path_score_max"``: the
+        number of levels; ``"path_accuracy"``: share of rows with every level right``}``; NaN
+        figures for no rows.
+    """
+    correct = np.asarray(correct, bool)
+    empty = not len(correct)
+    return {
+        "path_score": float("nan") if empty else float(correct.sum(axis=1).mean()),
+        "path_score_max": int(correct.shape[1]),
+        "path_accuracy": float("nan") if empty else float(correct.all(axis=1).mean()),
+    }
+
+
 def micro_f1(truth: np.ndarray, predicted: np.ndarray) -> float:
     """Micro-averaged F1 of (n, tags) bool arrays (0.0 when nothing is true or predicted)."""
     true_positive = float(np.logical_and(truth, predicted).sum())
