@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -42,6 +43,27 @@ def save_results(name: str, payload: dict) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def training_arguments(description: str, quick_help: str):
+    """The command line of the benchmarks that train per seed: ``--seeds``, ``--feature-store``, ``--quick``.
+
+    Returns:
+        ``(args, seeds, train_config)``: ``--quick`` means seed 0 and at most 4 epochs of the
+        default ``TrainConfig``.
+    """
+    from dataclasses import replace
+
+    from recommender.classifier import TrainConfig
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (default: 0,1,2,3,4)")
+    parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args()
+    seeds = [0] if args.quick else [int(seed) for seed in args.seeds.split(",")]
+    train_config = replace(TrainConfig(), max_epochs=4) if args.quick else TrainConfig()
+    return args, seeds, train_config
 
 
 #: Differences smaller than this are equality (figures are shares of a few hundred items).

@@ -31,7 +31,6 @@ The training seed varies; the data stays the same. Writes bench/results/hierarch
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -44,7 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from common import CLOTHING, MOBILENET, describe_comparison, machine, paired_comparison, save_results  # noqa: E402
+from common import (  # noqa: E402
+    CLOTHING,
+    MOBILENET,
+    describe_comparison,
+    machine,
+    paired_comparison,
+    save_results,
+    training_arguments,
+)
 
 MODES = ("hierarchical", "combined")
 
@@ -290,16 +297,9 @@ def print_table(dataset: Dataset, runs: list[dict], summary: dict, comparisons: 
 
 
 def main() -> int:
-    from recommender.classifier import TrainConfig
     from recommender.labels import DEFAULT_HIERARCHY_MODE
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (default: 0,1,2,3,4)")
-    parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
-    parser.add_argument("--quick", action="store_true", help="generated data, one seed, few epochs: keeps it working")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [int(seed) for seed in args.seeds.split(",")]
-    train_config = replace(TrainConfig(), max_epochs=4) if args.quick else TrainConfig()
+    args, seeds, train_config = training_arguments(__doc__, "generated data, one seed, few epochs: keeps it working")
     load_before = os.getloadavg()
     print(f"machine: {machine()}; load average before: {load_before}")
     print(

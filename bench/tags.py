@@ -36,7 +36,6 @@ would say nothing about thresholds. Writes bench/results/tags.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-from common import describe_comparison, machine, paired_comparison, save_results  # noqa: E402
+from common import describe_comparison, machine, paired_comparison, save_results, training_arguments  # noqa: E402
 
 #: Images per (pattern, colour) pair in the training catalog (and in --quick), and the test catalog.
 PER_CLASS = 30
@@ -252,16 +251,9 @@ def print_table(setting: str, runs: list[dict], summary: dict, comparisons: list
 
 
 def main() -> int:
-    from recommender.classifier import TrainConfig
     from recommender.labels import DEFAULT_THRESHOLD_MODE, MIN_POSITIVES_PER_TAG
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds (default: 0,1,2,3,4)")
-    parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
-    parser.add_argument("--quick", action="store_true", help="a small catalog, one seed, few epochs: keeps it working")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [int(seed) for seed in args.seeds.split(",")]
-    train_config = replace(TrainConfig(), max_epochs=4) if args.quick else TrainConfig()
+    args, seeds, train_config = training_arguments(__doc__, "a small catalog, one seed, few epochs: keeps it working")
     load_before = os.getloadavg()
     print(f"machine: {machine()}; load average before: {load_before}")
     with tempfile.TemporaryDirectory() as temp:
