@@ -10,21 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from recommender.backbones import load_backbone
 from recommender.bundle import library_versions, new_bundle_id, write_bundle, write_json
-from recommender.catalog import BadRow, Catalog, check_bad_fraction, read_catalog
+from recommender.catalog import BadRow, Catalog, CatalogRow, check_bad_fraction, drop_rare_classes, read_catalog
 from recommender.checkpoints import checkpoint
 from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.features import ExtractionResult, FeatureStore, extract_features
 from recommender.index import VectorIndex
-from recommender.labels import LabelSpace, Taxonomy
+from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.scalers import fit_scaler, scaler_arrays, transform
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,10 @@ def load_catalog(source: str | Path, config: BuildConfig) -> Catalog:
 def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progress: bool = False) -> PreparedCatalog:
     """Reads a catalog and gets the features of every photo (from the store where it can).
 
+    Bad rows found on the way (reading, decoding, a broken taxonomy, and with
+    ``config.min_class_examples`` the rows of too small primary classes) are left out and
+    judged together against ``config.max_bad_fraction``.
+
     Raises:
         CatalogError: unreadable catalog, too many bad rows (listed), or none left.
         BackboneError / WeightsUnavailableError: the backbone cannot be loaded.
@@ -132,6 +136,13 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
         if conflicts:
             log.warning("%d row(s) break the %s hierarchy and are left out", len(conflicts), ">".join(taxonomy.levels))
         bad_rows = bad_rows + conflicts
+    if config.min_class_examples > 1:
+        primary = primary_column_of(catalog.label_columns, config.hierarchy)
+        kept, rare = drop_rare_classes(extraction.rows, primary, config.min_class_examples)
+        if rare:
+            log.warning("%d row(s) of classes under --min-class-examples are left out", len(rare))
+            extraction, taxonomy = keep_rows(extraction, kept, taxonomy)
+            bad_rows = bad_rows + rare
     check_bad_fraction(catalog.total, bad_rows, config.max_bad_fraction)
     if not extraction.rows:
         raise CatalogError("no readable catalog rows left to build from", bad_rows=bad_rows)
@@ -143,6 +154,18 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
         seconds=seconds,
         taxonomy=taxonomy,
     )
+
+
+def keep_rows(
+    extraction: ExtractionResult, positions: list[int], taxonomy: Taxonomy | None
+) -> tuple[ExtractionResult, Taxonomy | None]:
+    """The extraction restricted to some rows, with the taxonomy learned again from them
+    (a path none of the kept rows has must not stay a valid prediction)."""
+    extraction = extraction.subset(positions)
+    if taxonomy is not None:
+        # The rows already agree on one parent per child, so a subset has no conflicts.
+        taxonomy, _ = Taxonomy.learn([row.labels for row in extraction.rows], taxonomy.levels)
+    return extraction, taxonomy
 
 
 def apply_taxonomy(
@@ -185,7 +208,8 @@ def build_bundle(
         overwrite: replace an existing bundle at ``out``.
         progress: show progress bars (tqdm) on stderr.
         classifier: reuse this trained classifier (e.g. the current bundle's) instead of
-            training one; every label of the catalog must be one it knows.
+            training one; every label of the catalog must be one it knows
+            (:func:`drop_unknown_labels` leaves out the rows whose labels it does not).
         bundle_id: the new bundle's id (default: a fresh time-based id).
 
     Returns:
@@ -224,7 +248,13 @@ def build_bundle(
             threshold_mode=config.tag_threshold_mode,
         )
         trained = train_classifier(
-            extraction.features, labels, config.train, flipped=extraction.flipped, space=space, tags=tags
+            extraction.features,
+            labels,
+            config.train,
+            flipped=extraction.flipped,
+            space=space,
+            tags=tags,
+            progress=progress,
         )
     else:
         check_known_labels(classifier, labels, tags, prepared.taxonomy)
@@ -335,19 +365,15 @@ def check_known_labels(
 ) -> None:
     """Refuses to reuse a classifier on labels it has never seen (no silent mislabels).
 
+    The nightly job leaves such rows out first (:func:`drop_unknown_labels`); this is the
+    check for every other caller of :func:`build_bundle` with a classifier.
+
     Raises:
         TrainingError: other label columns, another hierarchy or tags column, or a label
             value, taxonomy path or tag unknown to the classifier.
     """
     space = classifier.label_space
-    if list(labels) != space.columns:
-        raise TrainingError(
-            f"the catalog's label columns {list(labels)} differ from the model's {space.columns}; retrain"
-        )
-    if (taxonomy.levels if taxonomy else None) != (space.taxonomy.levels if space.taxonomy else None):
-        raise TrainingError("the catalog's hierarchy differs from the model's; retrain")
-    if (tags is not None) != (space.tags_column is not None):
-        raise TrainingError("the catalog's tags column differs from the model's; retrain")
+    check_label_layout(space, list(labels), tags is not None, taxonomy)
     for column, names in zip(space.columns, space.classes):
         unknown = sorted(set(labels[column]) - set(names))
         if unknown:
@@ -369,3 +395,89 @@ def check_known_labels(
                 f"tag(s) {', '.join(repr(u) for u in unknown[:10])} are unknown to the current model; retrain it "
                 f"(--retrain always or auto)"
             )
+
+
+def check_label_layout(space: LabelSpace, columns: list[str], has_tags: bool, taxonomy: Taxonomy | None) -> None:
+    """Refuses a classifier whose label columns, hierarchy or tags column differ from the
+    catalog's: every row would be affected, so only retraining helps.
+
+    Raises:
+        TrainingError: naming what differs.
+    """
+    if columns != space.columns:
+        raise TrainingError(f"the catalog's label columns {columns} differ from the model's {space.columns}; retrain")
+    if (taxonomy.levels if taxonomy else None) != (space.taxonomy.levels if space.taxonomy else None):
+        raise TrainingError("the catalog's hierarchy differs from the model's; retrain")
+    if has_tags != (space.tags_column is not None):
+        raise TrainingError("the catalog's tags column differs from the model's; retrain")
+
+
+def unknown_label_reasons(space: LabelSpace, rows: list[CatalogRow]) -> list[str | None]:
+    """Per row, why a reused classifier cannot predict its labels (its first unknown label,
+    taxonomy path or tags), or None when it knows them all."""
+    known = {column: set(names) for column, names in zip(space.columns, space.classes)}
+    paths = set(space.taxonomy.paths) if space.taxonomy else None
+    tags = set(space.tags)
+    reasons: list[str | None] = []
+    for row in rows:
+        reason = next(
+            (
+                f"label {row.labels[column]!r} in column {column!r} is unknown to the current model; retrain to add it"
+                for column in space.columns
+                if row.labels[column] not in known[column]
+            ),
+            None,
+        )
+        if reason is None and paths is not None:
+            path = tuple(row.labels[level] for level in space.taxonomy.levels)
+            if path not in paths:
+                reason = f"taxonomy path {' > '.join(path)!r} is unknown to the current model; retrain to add it"
+        if reason is None and space.tags_column is not None:
+            unknown = sorted(set(row.tags) - tags, key=str)
+            if unknown:
+                reason = (
+                    f"tag(s) {', '.join(repr(t) for t in unknown)} are unknown to the current model; "
+                    f"retrain to add them"
+                )
+        reasons.append(reason)
+    return reasons
+
+
+def drop_unknown_labels(
+    prepared: PreparedCatalog, classifier: TrainedClassifier, max_bad_fraction: float
+) -> PreparedCatalog:
+    """Leaves out, as bad rows, the rows whose labels a reused classifier has never seen.
+
+    Reusing a classifier (``rebuild --retrain never``) must not mislabel a product with a
+    class the model cannot predict; such a product is a failed item with its reason, and
+    the rest of the catalog is still built (strict in aggregate: ``max_bad_fraction``).
+
+    Args:
+        prepared: the catalog with its features.
+        classifier: the classifier to reuse.
+        max_bad_fraction: the largest share of bad rows (these and the earlier ones).
+
+    Returns:
+        ``prepared`` without those rows (the same object when there are none), the rows
+        added to its bad rows, the taxonomy learned again from the rows kept.
+
+    Raises:
+        TrainingError: the label columns, hierarchy or tags column differ from the model's.
+        CatalogError: too many bad rows (listed), or none left.
+    """
+    space = classifier.label_space
+    catalog = prepared.catalog
+    check_label_layout(space, list(catalog.label_columns), catalog.tags_column is not None, prepared.taxonomy)
+    rows = prepared.extraction.rows
+    reasons = unknown_label_reasons(space, rows)
+    unknown = [BadRow(line=row.line, id=row.id, image=row.image, reason=r) for row, r in zip(rows, reasons) if r]
+    if not unknown:
+        return prepared
+    log.warning("%d row(s) carry labels the current model has never seen and are left out", len(unknown))
+    bad_rows = prepared.bad_rows + unknown
+    check_bad_fraction(catalog.total, bad_rows, max_bad_fraction)
+    kept = [position for position, reason in enumerate(reasons) if reason is None]
+    extraction, taxonomy = keep_rows(prepared.extraction, kept, prepared.taxonomy)
+    if not extraction.rows:
+        raise CatalogError("no catalog rows left to build from", bad_rows=bad_rows)
+    return replace(prepared, extraction=extraction, bad_rows=bad_rows, taxonomy=taxonomy)

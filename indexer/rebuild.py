@@ -50,7 +50,8 @@ class RebuildConfig:
 
     Attributes:
         retrain: ``auto`` (retrain when the label set changed or more than
-            ``retrain_threshold`` of the catalog changed), ``always`` or ``never``.
+            ``retrain_threshold`` of the catalog changed), ``always`` or ``never`` (reuse the
+            current classifier; rows with a label it never saw are failed items).
         retrain_threshold: share of (added + changed + removed) items, relative to the
             current catalog, above which ``auto`` retrains.
         keep: bundles kept in ``bundles/`` after publishing (``current`` is never pruned).
@@ -378,7 +379,7 @@ def rebuild(
         GateError: the new bundle was refused (moved to ``rejected/``; ``current`` untouched).
         CatalogError, TrainingError, ...: as for a build; ``current`` untouched.
     """
-    from indexer.build import build_bundle, load_catalog, prepare_catalog
+    from indexer.build import build_bundle, drop_unknown_labels, load_catalog, prepare_catalog
 
     if config.retrain not in RETRAIN_POLICIES:
         raise ValueError(f"retrain must be one of {RETRAIN_POLICIES}")
@@ -434,6 +435,22 @@ def rebuild(
             if not retrain:
                 classifier, _ = read_classifier(current, current_manifest)
                 classifier.metrics = {**classifier.metrics, "reused_from": current.name}
+                # A product with a label the reused model never saw is a failed item, not a
+                # failed job (strict in aggregate: --max-bad-fraction); the rest publishes.
+                reusable = drop_unknown_labels(prepared, classifier, build_config.max_bad_fraction)
+                if reusable is not prepared:
+                    prepared, extraction = reusable, reusable.extraction
+                    changes = diff_catalog(current_rows, extraction.rows, extraction.hashes)
+                    counts = {**changes.counts(), "failed": len(prepared.bad_rows), "extracted": extraction.extracted}
+                    failed = [bad.to_json() for bad in prepared.bad_rows]
+                    if not changes.any and _same_build(current_manifest, build_config, prepared):
+                        return run.finish(
+                            "unchanged",
+                            counts=counts,
+                            failed=failed,
+                            current=current.name,
+                            message="nothing to publish besides rows the current model cannot label; current bundle kept",
+                        )
             run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
             run.phase("build")
             bundle_id = new_bundle_id()

@@ -296,3 +296,33 @@ def check_bad_fraction(total: int, bad_rows: list[BadRow], max_bad_fraction: flo
 def label_counts(rows: list[CatalogRow], column: str) -> Counter:
     """Counts the values of one label column."""
     return Counter(row.labels[column] for row in rows)
+
+
+def drop_rare_classes(rows: list[CatalogRow], column: str, min_examples: int) -> tuple[list[int], list[BadRow]]:
+    """Leaves out the rows whose class in ``column`` has fewer than ``min_examples`` rows.
+
+    Off by default: a class too small to hold a row out for validation still trains on all
+    its rows (see ``classifier.stratified_split``); this is the opt-in ``--min-class-examples``
+    for shops that would rather not learn such classes.
+
+    Args:
+        rows: the catalog rows (e.g. those with features).
+        column: the label column to count (the primary class).
+        min_examples: the least number of rows a class needs; 0 or 1 keeps every row.
+
+    Returns:
+        ``(positions of the rows kept, the other rows as bad rows, each with its reason)``.
+    """
+    counts = label_counts(rows, column)
+    kept, dropped = [], []
+    for position, row in enumerate(rows):
+        value = row.labels[column]
+        if counts[value] >= min_examples:
+            kept.append(position)
+        else:
+            reason = (
+                f"class {value!r} of column {column!r} has {counts[value]} row(s), "
+                f"fewer than --min-class-examples {min_examples}"
+            )
+            dropped.append(BadRow(line=row.line, id=row.id, image=row.image, reason=reason))
+    return kept, dropped

@@ -118,6 +118,14 @@ def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) 
         help="fail when more than this share of rows is bad (default: %(default)s)",
     )
     parser.add_argument(
+        "--min-class-examples",
+        type=_non_negative_int,
+        default=defaults.min_class_examples,
+        metavar="N",
+        help="leave out (as bad rows) the rows of primary classes with fewer than N rows (default: 0, off: "
+        "a class too small to hold a row out for validation trains on all its rows)",
+    )
+    parser.add_argument(
         "--feature-store",
         type=Path,
         default=None,
@@ -139,6 +147,17 @@ def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) 
     )
     if with_output:
         parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out")
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: a whole number from 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def build_config_from_args(args: argparse.Namespace):
@@ -171,6 +190,7 @@ def build_config_from_args(args: argparse.Namespace):
         flip_average=not args.no_flips,
         index_kind=args.index,
         max_bad_fraction=args.max_bad_fraction,
+        min_class_examples=args.min_class_examples,
         feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
     )
 
@@ -393,6 +413,13 @@ def _run_build(args: argparse.Namespace) -> int:
         f"validation accuracy: {heads}; {report.seconds.get('total', 0):.1f} s",
         file=sys.stderr,
     )
+    train_only = report.metrics.get("train_only_classes")
+    if train_only:
+        print(
+            f"{len(train_only)} class(es) too small to hold out trained on all their rows "
+            f"(validation covers {report.metrics['validation_classes']} of {report.metrics['total_classes']} classes)",
+            file=sys.stderr,
+        )
     if "hierarchy" in report.metrics:
         found = report.metrics["hierarchy"]
         print(

@@ -43,6 +43,9 @@ class BuildConfig:
             mirror's features (needs ``flips``).
         index_kind: ``auto``, ``flat`` or ``hnsw``.
         max_bad_fraction: refuse the catalog when more than this share of rows is bad.
+        min_class_examples: leave out, as bad rows, the rows whose primary class has fewer
+            than this many rows; 0 (default) keeps every class: a class too small to hold a
+            row out for validation trains on all its rows.
         max_pixels: decompression-bomb limit for every image.
         batch_size: images per backbone forward pass.
         feature_store: HDF5 feature cache path.
@@ -65,6 +68,7 @@ class BuildConfig:
     flip_average: bool = True
     index_kind: str = "auto"
     max_bad_fraction: float = 0.05
+    min_class_examples: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     batch_size: int = 32
     feature_store: Path = field(default_factory=default_feature_store)

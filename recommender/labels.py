@@ -55,6 +55,13 @@ def parse_hierarchy(text: str) -> tuple[str, ...]:
     return levels
 
 
+def primary_column_of(label_columns: list[str] | tuple[str, ...], hierarchy: tuple[str, ...] | None) -> str:
+    """The primary class column: the hierarchy's leaf level (the most specific class) when
+    there is a hierarchy, else the first label column. It stratifies the validation split and
+    defines the contrastive positives."""
+    return hierarchy[-1] if hierarchy else label_columns[0]
+
+
 @dataclass(frozen=True)
 class TaxonomyConflict:
     """A catalog row whose value at ``level`` sits under another parent than the taxonomy's."""
@@ -251,9 +258,8 @@ class LabelSpace:
     # -- layout --------------------------------------------------------------------------
     @property
     def primary_column(self) -> str:
-        """The class that stratifies the split and defines SupCon positives: the hierarchy's
-        leaf level when there is a hierarchy (the most specific class), else the first column."""
-        return self.taxonomy.levels[-1] if self.taxonomy else self.columns[0]
+        """The class that stratifies the split and defines SupCon positives (:func:`primary_column_of`)."""
+        return primary_column_of(self.columns, self.taxonomy.levels if self.taxonomy else None)
 
     @property
     def primary_head(self) -> HeadSpec:

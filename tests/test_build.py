@@ -7,8 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from indexer.build import build_bundle
+from indexer.build import build_bundle, prepare_catalog
 from recommender.errors import BundleError, CatalogError
+
+#: The one product of :func:`make_catalog_with_a_singleton` whose class and colour no other row has.
+SINGLETON_ID = "single-grid"
 
 
 def test_session_build_report(tiny_build):
@@ -65,3 +68,32 @@ def test_too_many_bad_rows_fail_with_the_list(generated_catalog, tiny_config, tm
         build_bundle(catalog, tmp_path / "b", replace(tiny_config, max_bad_fraction=0.04))
     assert len(caught.value.bad_rows) == 5
     assert not (tmp_path / "b").exists()
+
+
+def make_catalog_with_a_singleton(generated_catalog):
+    """The generated catalog plus one product whose class (``grid``) and colour (``green``)
+    no other row has, as shop catalogs' long tails do; returns its CSV path."""
+    import numpy as np
+    from conftest import TINY_SIZE
+
+    from recommender.synthetic import COLOURS, draw_product
+
+    folder = generated_catalog.parent
+    image = folder / "images" / f"{SINGLETON_ID}.jpg"
+    if not image.exists():
+        draw_product("grid", COLOURS["green"], TINY_SIZE, np.random.default_rng(5)).save(image, quality=92)
+    row = f"{SINGLETON_ID},images/{SINGLETON_ID}.jpg,grid,green,prints,lines,cool|lined,Green grid T-shirt"
+    path = folder / "with-singleton.csv"
+    path.write_text("\n".join(generated_catalog.read_text().splitlines() + [row]) + "\n")
+    return path
+
+
+def test_min_class_examples_leaves_small_classes_out_as_bad_rows(generated_catalog, tiny_config):
+    catalog = make_catalog_with_a_singleton(generated_catalog)
+    prepared = prepare_catalog(catalog, replace(tiny_config, min_class_examples=2))
+    reason = "class 'grid' of column 'label' has 1 row(s), fewer than --min-class-examples 2"
+    assert [(bad.id, bad.line, bad.reason) for bad in prepared.bad_rows] == [(SINGLETON_ID, 98, reason)]
+    assert len(prepared.extraction.rows) == 96 and SINGLETON_ID not in {row.id for row in prepared.extraction.rows}
+    # These rows count toward --max-bad-fraction like any bad row.
+    with pytest.raises(CatalogError, match=r"(?s)1 of 97 catalog rows are bad.*limit --max-bad-fraction 0.005.*grid"):
+        prepare_catalog(catalog, replace(tiny_config, min_class_examples=2, max_bad_fraction=0.005))

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.model_selection import train_test_split
 
-from recommender.classifier import EMBEDDING_LAYER, TrainConfig, build_model, stratified_split, train_classifier
+from recommender.classifier import (
+    EMBEDDING_LAYER,
+    TrainConfig,
+    build_model,
+    split_coverage,
+    stratified_split,
+    train_classifier,
+)
 from recommender.errors import TrainingError
 from recommender.labels import HeadSpec
 
@@ -40,15 +48,39 @@ def test_model_layout():
     assert set(heads_only.output) == {"head_0", "head_1"}
 
 
-def test_split_is_stratified_and_refuses_tiny_classes():
+def test_split_is_stratified_and_refuses_untrainable_catalogs():
     labels = ["a"] * 20 + ["b"] * 10
     train, validation = stratified_split(labels, 0.2, seed=0)
     assert len(set(train) | set(validation)) == 30 and not set(train) & set(validation)
     assert sorted(labels[i] for i in validation) == ["a"] * 4 + ["b"] * 2
-    with pytest.raises(TrainingError, match="fewer than 2 examples.*'c'"):
-        stratified_split(labels + ["c"], 0.2, seed=0)
+    # Without rare classes the split is the plain stratified split of every row, as it always was.
+    expected = train_test_split(np.arange(30), test_size=6, stratify=labels, random_state=0)
+    assert all(np.array_equal(got, np.sort(want)) for got, want in zip((train, validation), expected))
     with pytest.raises(TrainingError, match="at least 2 classes"):
         stratified_split(["a"] * 5, 0.2, seed=0)
+    with pytest.raises(TrainingError, match="no class has 2 or more examples"):
+        stratified_split(["a", "b", "c"], 0.2, seed=0)
+
+
+def test_classes_too_small_to_hold_out_train_on_all_their_rows():
+    common = ["a"] * 20 + ["b"] * 10
+    labels = ["c"] + common[:15] + ["d"] + common[15:] + ["e"]  # three one-row classes among them
+    train, validation = stratified_split(labels, 0.2, seed=0)
+    assert sorted(set(train) | set(validation)) == list(range(33)) and not set(train) & set(validation)
+    assert {labels[i] for i in train} == {"a", "b", "c", "d", "e"}  # every class trains
+    assert {0, 16, 32} <= set(train) and sorted(labels[i] for i in validation) == ["a"] * 4 + ["b"] * 2
+    again = stratified_split(labels, 0.2, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip((train, validation), again))  # seeded
+    assert split_coverage(labels, validation) == {
+        "validation_classes": 2,
+        "total_classes": 5,
+        "train_only_classes": {"c": 1, "d": 1, "e": 1},
+    }
+    # A held-out row never takes a class's last training row, even when most rows are held out.
+    small = ["a", "a", "b", "b", "c", "c", "d"]
+    for seed in range(20):
+        train, validation = stratified_split(small, 0.5, seed=seed)
+        assert {small[i] for i in train} == {"a", "b", "c", "d"} and len(validation)
 
 
 def test_training_learns_and_is_reproducible():

@@ -123,3 +123,41 @@ def test_build_from_fashion_mnist_idx_files(tmp_path, session_store, capsys):
         ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     )
     assert (idx / "catalog" / "catalog.csv").is_file()
+
+
+def test_build_trains_and_indexes_a_class_of_one_photo(tmp_path, generated_catalog, session_store, capsys):
+    """A long-tail class (one photo) trains on its one row, is predicted and indexed, and is listed."""
+    from test_build import SINGLETON_ID, make_catalog_with_a_singleton
+
+    from recommender.engine import load_bundle
+
+    catalog = make_catalog_with_a_singleton(generated_catalog)
+    out = tmp_path / "long-tail"
+    argv = ["build", "--catalog", str(catalog), "--out", str(out), "--id-column", "id", "--label-column", "label",
+            "--label-column", "colour", "--weights", "none", "--image-size", "64", "--feature-store",
+            str(session_store), "--epochs", "5", "--no-flips"]  # fmt: skip
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 class(es) too small to hold out trained on all their rows (validation covers 4 of 5 classes)" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "build_report.json").read_text())
+    for metrics in (manifest["metrics"], report["metrics"]):
+        assert metrics["train_only_classes"] == {"grid": 1}
+        assert (metrics["validation_classes"], metrics["total_classes"]) == (4, 5)
+    assert manifest["counts"]["items"] == 97 and manifest["counts"]["classes"] == {"label": 5, "colour": 4}
+    engine = load_bundle(out)
+    assert "grid" in engine.label_space.classes_of("label") and "green" in engine.label_space.classes_of("colour")
+    answer = engine.query(engine.item(SINGLETON_ID)["path"], k=1, exclude_self=False)
+    assert answer["neighbors"][0]["id"] == SINGLETON_ID  # indexed, and finds itself first
+
+
+def test_min_class_examples_is_a_build_and_rebuild_flag(tmp_path):
+    from recommender.cli import build_config_from_args, make_parser
+
+    parser = make_parser()
+    for command in (["build", "--out", str(tmp_path / "b")], ["rebuild", "--root", str(tmp_path)]):
+        args = parser.parse_args([*command, "--catalog", "c.csv"])
+        assert build_config_from_args(args).min_class_examples == 0  # off by default
+        args = parser.parse_args([*command, "--catalog", "c.csv", "--min-class-examples", "3"])
+        assert build_config_from_args(args).min_class_examples == 3

@@ -17,7 +17,7 @@ import pytest
 from conftest import tiny_build_config
 
 from indexer.rebuild import ArtifactRoot, RebuildConfig, job_lock, rebuild, rollback, status
-from recommender.errors import GateError, JobLockedError, PublishError, TrainingError
+from recommender.errors import CatalogError, GateError, JobLockedError, PublishError
 from recommender.synthetic import CATALOG_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +109,26 @@ def test_retrain_policies(photos, build_config, tmp_path):
     for row in relabelled[:4]:
         row["label"] = "checks"  # a label the current model has never seen
     path = write_catalog(folder, "p2.csv", relabelled)
-    with pytest.raises(TrainingError, match="'checks'.*unknown to the current model"):
+    unknown = "label 'checks' in column 'label' is unknown to the current model; retrain to add it"
+    # --retrain never: such rows are failed items; 4 of 36 is over --max-bad-fraction 0.05.
+    with pytest.raises(CatalogError, match=rf"(?s)4 of 36 catalog rows are bad.*{rows[0]['id']}.*{unknown}"):
         rebuild(path, root, build_config, RebuildConfig(retrain="never"))
+    assert (root / "current").resolve().name == current
+    assert status(root)["runs"][-1]["state"] == "failed"
+    # Under the threshold the product of a new class is reported and the rest publishes.
+    new_class = {**extra[0], "label": "checks"}
+    kept = rebuild(
+        write_catalog(folder, "p2-never.csv", rows + [new_class, extra[1]]),
+        root,
+        build_config,
+        RebuildConfig(retrain="never"),
+    )
+    assert kept["state"] == "published" and not kept["retrain"]
+    assert [(bad["id"], bad["reason"]) for bad in kept["failed"]] == [(new_class["id"], unknown)]
+    assert (kept["counts"]["added"], kept["counts"]["failed"]) == (1, 1)
+    assert set(bundle_rows(root)) == {row["id"] for row in rows} | {extra[1]["id"]}
     # Validation accuracy on a few rows is noisy: the accuracy gate has its own test.
     lenient = RebuildConfig(max_accuracy_drop=1.0)
-    assert (root / "current").resolve().name == current
     auto = rebuild(path, root, build_config, replace(lenient, retrain="auto"))
     assert auto["retrain"] and auto["retrain_reason"] == "the label set changed"
     always = rebuild(
@@ -328,3 +343,26 @@ def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
         label_sets({"label": ["a"]}, [("bottom", "a")], ["warm"]),
     ):
         assert decide_retrain("auto", changes, before, after, 0.9, 2) == (True, "the label set changed")
+
+
+def test_unknown_label_reasons_name_the_label_path_or_tag(tmp_path):
+    """What --retrain never reports per row: the first label, taxonomy path or tag the model lacks."""
+    from indexer.build import unknown_label_reasons
+    from recommender.catalog import CatalogRow
+    from recommender.labels import LabelSpace, Taxonomy
+
+    known = [{"family": "lines", "label": "stripes"}, {"family": "shapes", "label": "dots"}]
+    taxonomy, _ = Taxonomy.learn(known, ("family", "label"))
+    labels = {column: [row[column] for row in known] for column in ("label", "family")}
+    space = LabelSpace.create(labels, taxonomy=taxonomy, tags=[("warm",), ()], tags_column="tags")
+
+    def row(family, label, tags=()):
+        return CatalogRow(id=label, image="x.jpg", path=tmp_path, labels={"label": label, "family": family}, tags=tags)
+
+    rows = [row("lines", "stripes", ("warm",)), row("lines", "checks"), row("shapes", "stripes"), row("lines", "stripes", ("cool",))]  # fmt: skip
+    assert unknown_label_reasons(space, rows) == [
+        None,
+        "label 'checks' in column 'label' is unknown to the current model; retrain to add it",
+        "taxonomy path 'shapes > stripes' is unknown to the current model; retrain to add it",
+        "tag(s) 'cool' are unknown to the current model; retrain to add them",
+    ]
