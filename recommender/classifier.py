@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from recommender.baseline import classification_summary, compare_with_baseline
 from recommender.checkpoints import checkpoint
 from recommender.errors import TrainingError
 from recommender.labels import HeadSpec, LabelSpace, path_score
@@ -63,6 +64,10 @@ class TrainConfig:
             fashion-products-small) without buying macro-F1 back.
         flip_augment: also train on features of mirrored images (when extracted).
         seed: seeds the split, initialisation, dropout and shuffling.
+        baseline: also compare the selection fit with a logistic-regression probe per head
+            and its embedding's validation P@6 with raw features' (``recommender.baseline``,
+            recorded as ``metrics["baseline"]``; seconds); benchmarks that measure their own
+            baselines turn it off.
     """
 
     hidden_units: int = 1024
@@ -81,6 +86,7 @@ class TrainConfig:
     class_weight_power: float = 0.0
     flip_augment: bool = True
     seed: int = 0
+    baseline: bool = True
 
 
 @dataclass
@@ -313,6 +319,11 @@ def train_classifier(
     metrics = {"validation_rows": int(len(validation_index)), "train_rows": int(len(train_index))}
     metrics.update(split_coverage(labels[space.primary_column], validation_index))
     metrics.update(validation_metrics(space, outputs, {c: [labels[c][i] for i in validation_index] for c in labels}))
+    if config.baseline:  # the selection model: the refit below trains on the validation rows too
+        metrics["baseline"] = compare_with_baseline(
+            features, labels, space, train_index, validation_index, outputs, flipped=flipped, seed=config.seed,
+            embed=lambda rows: model.predict(transform(scaler, rows), batch_size=1024, verbose=0)[EMBEDDING_LAYER],
+        ).to_json()  # fmt: skip
     if space.tags_column is not None:
         metrics["tags"] = space.tune_thresholds(
             validation_targets[_tags_head(space).name], outputs[_tags_head(space).name]
@@ -354,7 +365,7 @@ def _tags_head(space: LabelSpace) -> HeadSpec:
 
 
 def validation_metrics(space: LabelSpace, outputs: dict[str, np.ndarray], truth: dict[str, list[str]]) -> dict:
-    """Per-column accuracy of the (consistent) predictions, and the hierarchy's path score.
+    """Per-column accuracy and macro-F1 of the (consistent) predictions, and the hierarchy's path score.
 
     Args:
         space: the label space.
@@ -362,17 +373,24 @@ def validation_metrics(space: LabelSpace, outputs: dict[str, np.ndarray], truth:
         truth: label column -> n true labels.
 
     Returns:
-        ``{"heads": {column: {"validation_accuracy"}}, "hierarchy": {...}}`` (the latter only
-        with a taxonomy: ``path_score`` is the mean number of correct levels per row, one
-        point per level as the original comparison counted it; ``path_accuracy`` the share of
-        rows with every level right).
+        ``{"heads": {column: {"validation_accuracy", "validation_macro_f1"}}, "hierarchy": {...}}``
+        (macro-F1 over the classes in the truth or the predictions, ``baseline.classification_summary``;
+        the hierarchy only with a taxonomy: ``path_score`` is the mean number of correct levels
+        per row, one point per level as the original comparison counted it; ``path_accuracy``
+        the share of rows with every level right).
     """
     predicted = space.predict(outputs)
-    correct = {}
+    correct, found = {}, {"heads": {}}
     for column, (codes, _) in predicted.items():
         names = space.classes_of(column)
-        correct[column] = np.array([names[c] == t for c, t in zip(codes, truth[column])], bool)
-    found = {"heads": {c: {"validation_accuracy": float(np.mean(correct[c]))} for c in space.columns}}
+        labels = [names[c] for c in codes]
+        correct[column] = np.array([p == t for p, t in zip(labels, truth[column])], bool)
+        summary = classification_summary([str(t) for t in truth[column]], [str(p) for p in labels])
+        found["heads"][column] = {
+            "validation_accuracy": float(np.mean(correct[column])),
+            "validation_macro_f1": summary["macro_f1"],
+        }
+    found["heads"] = {c: found["heads"][c] for c in space.columns}
     if space.taxonomy:
         levels = np.stack([correct[level] for level in space.taxonomy.levels], axis=1)
         found["hierarchy"] = {

@@ -434,6 +434,11 @@ def _run_build(args: argparse.Namespace) -> int:
             f"({found['mode']}), {found['validation_micro_f1_at_0.5']:.3f} at 0.5",
             file=sys.stderr,
         )
+    if "baseline" in report.metrics:  # each head beside a probe, then a warning per head below it
+        from recommender.baseline import BuildBaseline
+
+        for line in BuildBaseline.from_json(report.metrics["baseline"]).summary_lines():
+            print(line, file=sys.stderr)
     print(
         json.dumps(
             {

@@ -92,6 +92,13 @@ METRICS_JSON_KEYS = """\
 | `retrieval_spaces.raw_features` | `{measured, reason}`: raw standardized backbone features, searched exactly |
 | `training.epochs` | epochs trained (from the bundle's `history.json`) |
 | `training.validation` | the validation metrics recorded in the bundle's manifest at build time |
+| `training.baseline` | the build's baseline check from the manifest (the selection model on its validation split, before the refit on all rows); null when the bundle was built without it |
+| `training.baseline.heads.HEAD.validation_accuracy` / `.validation_macro_f1` | the head on the validation rows whose class occurs in the training rows |
+| `training.baseline.heads.HEAD.probe_validation_accuracy` / `.probe_validation_macro_f1` | a plain logistic regression on the head's column, fit on the training rows' standardized raw backbone features, on the same rows |
+| `training.baseline.heads.HEAD.validation_rows` / `.left_out_rows` / `.probe_converged` | validation rows compared; rows left out (their class is absent from the training rows); whether the probe converged within its iteration cap |
+| `training.baseline.retrieval.k` / `.column` / `.queries` / `.left_out_queries` | neighbours per query; the primary column; validation rows queried against the training rows as the catalog; rows left out (class absent from training) |
+| `training.baseline.retrieval.embedding_p_at_k` / `.raw_features_p_at_k` | P@k in the selection model's standardized (flip-averaged) embedding / in the standardized raw backbone features |
+| `training.baseline.seconds` | what the check cost the build |
 | `training.plot` | training-curve PNG, or null when the bundle has no history |
 | `examples.plot` | example-query grid PNG, or null when there were no queries |
 | `examples.correct` / `examples.wrong` | ids of the queries shown, by the primary head's prediction |
@@ -282,6 +289,7 @@ def evaluate_bundle(
         "training": {
             "epochs": len(history.get("loss", [])),
             "validation": recommender.manifest.get("metrics", {}).get("heads", {}),
+            "baseline": build_baseline(recommender.manifest, problems),
             "plot": plots["training"],
         },
         "examples": plots["examples"],
@@ -295,6 +303,27 @@ def evaluate_bundle(
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(metrics, plots), encoding="utf-8")
     return metrics
+
+
+def build_baseline(manifest: dict, problems: list[str]) -> dict | None:
+    """The ``training.baseline`` entry: the manifest's build-time baseline check, or None.
+
+    Args:
+        manifest: the bundle's manifest.
+        problems: appended to when the bundle has no (readable) baseline check.
+    """
+    from recommender.baseline import BuildBaseline
+
+    payload = (manifest.get("metrics") or {}).get("baseline")
+    if payload is None:
+        problems.append("the bundle records no build-time baseline check (built without it, or before it existed)")
+        return None
+    try:
+        baseline = BuildBaseline.from_json(payload)
+    except RecommenderError as error:
+        problems.append(f"the bundle's build-time baseline check is unreadable: {error}")
+        return None
+    return baseline.to_json()
 
 
 def hierarchy_section(recommender, run, columns: list[str], problems: list[str]) -> dict:
@@ -804,6 +833,7 @@ def render_html(metrics: dict, plots: dict) -> str:
     )
     parts += _hierarchy_html(metrics)
     parts += _tags_html(metrics)
+    parts += _baseline_html(metrics)
     parts.append("<h2>Neighbours: trained embedding vs raw backbone features</h2>")
     raw_note = metrics["retrieval_spaces"]["raw_features"]
     parts.append(
@@ -926,6 +956,59 @@ def _hierarchy_html(metrics: dict) -> list[str]:
                     None,
                 ],
                 ["every level right", section["path_accuracy"], validation.get("path_accuracy")],
+            ],
+        )
+    )
+    return parts
+
+
+def _baseline_html(metrics: dict) -> list[str]:
+    """The build-time baseline section: each head beside a logistic-regression probe."""
+    from recommender.baseline import BuildBaseline
+
+    section = metrics["training"].get("baseline")
+    parts = ["<h2>Build-time check: trained heads against a probe on raw features</h2>"]
+    if not section:
+        parts.append("<p>The bundle records no build-time baseline check.</p>")
+        return parts
+    retrieval = section["retrieval"]
+    shortfalls = BuildBaseline.from_json(section).shortfalls()
+    if shortfalls:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in shortfalls)
+        parts.append(f'<div class="problems"><ul>{items}</ul></div>')
+    parts.append(
+        "<p>Recorded when the bundle was built, on its validation split, with the model trained on the "
+        "training split only (before the refit on all rows). The probe is a plain logistic regression on "
+        "the standardized raw backbone features of the same training rows; a head below it did not gain "
+        "from training. Validation rows whose class the training rows lack are left out of both.</p>"
+    )
+    parts.append(
+        _table(
+            ["head", "validation rows", "accuracy", "probe accuracy", "macro-F1", "probe macro-F1"],
+            [
+                [
+                    column,
+                    head["validation_rows"],
+                    head["validation_accuracy"],
+                    head["probe_validation_accuracy"],
+                    head["validation_macro_f1"],
+                    head["probe_validation_macro_f1"],
+                ]
+                for column, head in section["heads"].items()
+            ],
+        )
+    )
+    k = retrieval["k"]
+    parts.append(
+        _table(
+            ["primary column", "queries", f"P@{k} embedding", f"P@{k} raw features"],
+            [
+                [
+                    retrieval["column"],
+                    retrieval["queries"],
+                    retrieval["embedding_p_at_k"],
+                    retrieval["raw_features_p_at_k"],
+                ]
             ],
         )
     )

@@ -193,6 +193,10 @@ def test_cli_builds_combined_mode_and_filters_queries(combined_cli_build, genera
     out, code, stderr = combined_cli_build
     assert code == 0, stderr
     assert "hierarchy (combined): path score" in stderr and "tags: validation micro-F1" in stderr
+    # Every hierarchy level gets a probe too, also with one head over full paths; tags do not.
+    for column in ("label", "colour", "department", "family"):
+        assert f"\n{column}: validation accuracy " in stderr
+    assert "tags: validation accuracy" not in stderr and "P@6 on validation: embedding " in stderr
     labels = json.loads((out / "labels.json").read_text())
     assert labels["hierarchy_mode"] == "combined"
     assert [h["target"] for h in labels["heads"]] == ["path", "column", "tags"]

@@ -120,3 +120,27 @@ def test_filtered_quick():
     methods = {method for row in rows for method in row["method"]}
     assert methods == {"exact scan", "hnsw + selector"}
     assert all(row["mask_p50_ms"] > 0 for row in rows if row["filter"] in ("random", "same", "other"))
+
+
+@pytest.mark.slow
+def test_quality_quick():
+    """The multi-catalog quality suite on a fashion-products-small subset: every head beside its probe."""
+    from conftest import skip_without_shared
+
+    skip_without_shared()
+    output, payload = run_quick("quality", timeout=300)
+    result = payload["catalogs"]["fashion-products-small"]
+    summary = result["summary"]
+    assert result["primary"] == "articleType" and len(result["heads"]) == 7
+    assert set(summary["heads"]) == set(result["heads"])
+    for column, figures in summary["heads"].items():
+        for key in ("accuracy", "macro_f1"):
+            assert 0.0 <= figures[key]["mean"] <= 1.0, (column, key)
+        assert 0.0 < figures["probe_accuracy"] <= 1.0
+    # Even 3 epochs on 600 rows beat chance by far on the coarse heads; the probe is a real fit.
+    assert summary["heads"]["masterCategory"]["accuracy"]["mean"] > 0.8
+    assert summary["heads"]["masterCategory"]["probe_accuracy"] > 0.8
+    assert "alone_accuracy" in summary["heads"]["articleType"]
+    assert 0.0 < summary["raw_p_at_6"] < 1.0 and 0.0 < summary["p_at_6"]["mean"] < 1.0
+    assert set(summary["checks"]) >= {"articleType vs probe", "cost of the other heads", "P@6 vs raw"}
+    assert "fashion-products-small: catalog" in output and "P@6 (articleType)" in output

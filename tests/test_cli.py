@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,11 @@ def test_subprocess_build_then_query(tmp_path, generated_catalog, session_store)
     assert build.returncode == 0, build.stderr
     summary = json.loads(build.stdout.strip().splitlines()[-1])
     assert summary["items"] == 96 and summary["bundle"] == str(out)
+    # The build-time baseline: each head beside its probe, and retrieval in both spaces.
+    assert re.search(
+        r"(?m)^label: validation accuracy [\d.]+ \(probe [\d.]+\), macro-F1 [\d.]+ \(probe [\d.]+\)$", build.stderr
+    )
+    assert re.search(r"(?m)^P@6 on validation: embedding [\d.]+, raw features [\d.]+$", build.stderr)
     image = generated_catalog.parent / "images" / "dots-red-000.jpg"
     query = run_cli("query", "--bundle", out, image)
     assert query.returncode == 0, query.stderr

@@ -297,6 +297,11 @@ def test_report_folder_has_valid_json_pngs_and_html(cli_report):
     assert referenced == {p.name for p in pngs}  # every plot shown, nothing dangling
     assert "http" not in page.replace("http-equiv", "")  # no external resource: opens offline
     assert "<h2>Hierarchy" not in page and "<h2>Tags" not in page
+    # The build-time baseline check, copied from the manifest, and its table on the page.
+    manifest = json.loads((Path(metrics["bundle"]["path"]) / "manifest.json").read_text())
+    assert metrics["training"]["baseline"] == manifest["metrics"]["baseline"]
+    assert "<h2>Build-time check: trained heads against a probe on raw features</h2>" in page
+    assert "<th>probe accuracy</th>" in page and "<th>P@6 raw features</th>" in page
     for column in ("label", "colour"):
         for name in metrics["heads"][column]["plots"].values():
             assert (out / name).is_file()
