@@ -145,7 +145,7 @@ def main() -> int:
     parser.add_argument("--feature-store", type=Path, default=None, help="feature cache (default: a temp file)")
     parser.add_argument("--quick", action="store_true", help="a few rows and epochs: keeps this script working")
     args = parser.parse_args()
-    config = replace(TrainConfig(), flip_augment=False, **({"max_epochs": 3} if args.quick else {}))
+    config = replace(TrainConfig(), flip_augment=False, baseline=False, **({"max_epochs": 3} if args.quick else {}))
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(temp)

@@ -94,10 +94,14 @@ def test_training_learns_and_is_reproducible():
     for a, b in zip(first.model.get_weights(), second.model.get_weights()):
         assert np.array_equal(a, b)
     assert first.history["val_loss"] == second.history["val_loss"]
+    # The build's baseline check: every head beside its probe, reproducible but for its timing.
+    baselines = [{**run.metrics["baseline"], "seconds": None} for run in (first, second)]
+    assert baselines[0] == baselines[1] and set(baselines[0]["heads"]) == {"kind", "tone"}
     other_seed = train_classifier(
-        features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1})
+        features, {"kind": labels, "tone": colour}, TrainConfig(**{**config.__dict__, "seed": 1, "baseline": False})
     )
     assert not np.array_equal(first.model.get_weights()[0], other_seed.model.get_weights()[0])
+    assert "baseline" not in other_seed.metrics  # switched off
 
 
 def test_supervised_contrastive_loss_by_hand():
