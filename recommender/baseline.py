@@ -397,9 +397,12 @@ def compare_with_baseline(
             )
         )
 
-    def embedded(index):
-        values = embed(features[index])
-        return values if flipped is None else (values + embed(flipped[index])) / 2
+    # One embedding call per view for all rows (each model.predict call has a fixed cost).
+    order = np.concatenate([train_index, validation_index])
+    values = np.asarray(embed(features[order]), np.float32)
+    if flipped is not None:
+        values = (values + np.asarray(embed(flipped[order]), np.float32)) / 2
+    train_embeddings, validation_embeddings = values[: len(train_index)], values[len(train_index) :]
 
     primary_column = space.primary_column
     primary = np.asarray(labels[primary_column], dtype=object)
@@ -411,7 +414,6 @@ def compare_with_baseline(
         primary[validation_index],
         k,
     )
-    train_embeddings, validation_embeddings = embedded(train_index), embedded(validation_index)
     # Standardized with a scaler fit on the catalog (here: the training rows), as the bundle does.
     embedding_scaler = fit_scaler(train_embeddings)
     trained = exact_precision_at_k(
