@@ -398,9 +398,21 @@ def rebuild(
             run.phase("features")
             prepared = prepare_catalog(load_catalog(catalog_source, build_config), build_config, progress=progress)
             extraction = prepared.extraction
-            changes = diff_catalog(current_rows, extraction.rows, extraction.hashes)
-            counts = {**changes.counts(), "failed": len(prepared.bad_rows), "extracted": extraction.extracted}
-            failed = [bad.to_json() for bad in prepared.bad_rows]
+
+            def tally(prepared):
+                """What changed against ``current`` and what failed, for ``prepared``."""
+                changes = diff_catalog(current_rows, prepared.extraction.rows, prepared.extraction.hashes)
+                counts = {
+                    **changes.counts(),
+                    "failed": len(prepared.bad_rows),
+                    "extracted": prepared.extraction.extracted,
+                }
+                return changes, counts, [bad.to_json() for bad in prepared.bad_rows]
+
+            def keep_current(message: str) -> dict:
+                return run.finish("unchanged", counts=counts, failed=failed, current=current.name, message=message)
+
+            changes, counts, failed = tally(prepared)
             new_labels = label_sets(
                 {c: sorted({row.labels[c] for row in extraction.rows}) for c in prepared.catalog.label_columns},
                 prepared.taxonomy.paths if prepared.taxonomy else None,
@@ -420,13 +432,7 @@ def rebuild(
                 and config.retrain != "always"
                 and _same_build(current_manifest, build_config, prepared)
             ):
-                return run.finish(
-                    "unchanged",
-                    counts=counts,
-                    failed=failed,
-                    current=current.name,
-                    message="nothing changed; current bundle kept",
-                )
+                return keep_current("nothing changed; current bundle kept")
 
             retrain, reason = decide_retrain(
                 config.retrain, changes, current_classes, new_labels, config.retrain_threshold, len(current_rows)
@@ -439,17 +445,11 @@ def rebuild(
                 # failed job (strict in aggregate: --max-bad-fraction); the rest publishes.
                 reusable = drop_unknown_labels(prepared, classifier, build_config.max_bad_fraction)
                 if reusable is not prepared:
-                    prepared, extraction = reusable, reusable.extraction
-                    changes = diff_catalog(current_rows, extraction.rows, extraction.hashes)
-                    counts = {**changes.counts(), "failed": len(prepared.bad_rows), "extracted": extraction.extracted}
-                    failed = [bad.to_json() for bad in prepared.bad_rows]
+                    prepared = reusable
+                    changes, counts, failed = tally(prepared)
                     if not changes.any and _same_build(current_manifest, build_config, prepared):
-                        return run.finish(
-                            "unchanged",
-                            counts=counts,
-                            failed=failed,
-                            current=current.name,
-                            message="nothing to publish besides rows the current model cannot label; current bundle kept",
+                        return keep_current(
+                            "nothing to publish besides rows the current model cannot label; current bundle kept"
                         )
             run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
             run.phase("build")
