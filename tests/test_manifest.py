@@ -1,0 +1,98 @@
+"""The typed manifest and catalog records: real bundles round-trip, malformed ones fail once, by field."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from recommender.errors import BundleError
+from recommender.manifest import CatalogRecord, Manifest
+
+
+def _manifest_json(bundle) -> dict:
+    return json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "attribute_bundle"])
+def test_built_manifests_round_trip_and_read_by_attribute(bundle_fixture, request):
+    bundle = request.getfixturevalue(bundle_fixture)
+    payload = _manifest_json(bundle)
+    manifest = Manifest.from_json(payload)
+
+    assert manifest.to_json() == payload
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert manifest.counts.items == payload["counts"]["items"] == len(manifest_rows(bundle))
+    assert manifest.backbone.identity_key == payload["backbone"]["identity"]["key"]
+    assert manifest.backbone.spec.input_size == payload["backbone"]["spec"]["input_size"]
+    assert set(manifest.files) == set(payload["files"])
+    for column, head in payload["metrics"]["heads"].items():
+        assert manifest.metrics.accuracy(column) == head["validation_accuracy"]
+
+
+def manifest_rows(bundle) -> list[CatalogRecord]:
+    lines = (bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+    return [CatalogRecord.from_json(json.loads(line)) for line in lines]
+
+
+def test_primary_column_is_the_hierarchy_leaf(attribute_bundle, tiny_bundle):
+    hierarchical = Manifest.from_json(_manifest_json(attribute_bundle))
+    assert hierarchical.catalog.hierarchy, "the attribute bundle is built with a hierarchy"
+    assert hierarchical.primary_column == hierarchical.catalog.hierarchy[-1]
+    flat = Manifest.from_json(_manifest_json(tiny_bundle))
+    assert flat.primary_column == flat.catalog.label_columns[0]
+
+
+def test_catalog_records_round_trip(attribute_bundle):
+    lines = (attribute_bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+    for line in lines:
+        payload = json.loads(line)
+        record = CatalogRecord.from_json(payload)
+        assert record.to_json() == payload
+        assert record.tags is not None  # this bundle has a tags column
+
+
+def _broken(payload: dict, edit) -> dict:
+    payload = copy.deepcopy(payload)
+    edit(payload)
+    return payload
+
+
+MALFORMED = {
+    "backbone: {}": (lambda m: m.update(backbone={}), "backbone.spec: missing"),
+    "counts: {}": (lambda m: m.update(counts={}), "counts.items: missing"),
+    "file without bytes": (lambda m: next(iter(m["files"].values())).pop("bytes"), ".bytes: missing"),
+    "max_pixels lots": (lambda m: m.update(max_pixels="lots"), "max_pixels: expected an integer, got 'lots'"),
+    "unknown spec key": (lambda m: m["backbone"]["spec"].update(colour="red"), "backbone.spec.colour: unknown field"),
+    "items negative": (lambda m: m["counts"].update(items=-1), "counts.items: expected an integer >= 0"),
+    "identity without key": (lambda m: m["backbone"]["identity"].pop("key"), "backbone.identity.key: missing"),
+    "accuracy as text": (
+        lambda m: next(iter(m["metrics"]["heads"].values())).update(validation_accuracy="high"),
+        "validation_accuracy: expected a finite number",
+    ),
+    "not an object": (lambda m: m.update(embedding=[512]), "embedding: expected an object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_manifest_is_one_bundle_error_naming_the_field(case, tiny_bundle):
+    edit, message = MALFORMED[case]
+    with pytest.raises(BundleError, match="manifest.json: ") as raised:
+        Manifest.from_json(_broken(_manifest_json(tiny_bundle), edit))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r.pop("sha256"), "line 3: sha256: missing"),
+        (lambda r: r.update(labels={"label": 7}), "line 3: labels: expected an object of strings"),
+        (lambda r: r.update(tags="red"), "line 3: tags: expected a list of strings"),
+    ],
+)
+def test_malformed_catalog_record_names_line_and_field(edit, message, tiny_bundle):
+    line = (tiny_bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()[2]
+    with pytest.raises(BundleError) as raised:
+        CatalogRecord.from_json(_broken(json.loads(line), edit), source="catalog.jsonl line 3")
+    assert message in str(raised.value)
