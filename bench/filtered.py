@@ -70,10 +70,12 @@ def attribute_rows(catalog: np.ndarray, queries: np.ndarray, clusters: int, seed
     """Catalog rows with ``random_*`` and ``cluster_*`` columns, and each query's cluster values.
 
     Returns:
-        ``(rows, query_values)``: rows as in catalog.jsonl (only ``labels`` filled);
+        ``(rows, query_values)``: catalog records (only ``id`` and ``labels`` filled);
         ``query_values[column]`` (m,) str: the value of each query's own cluster.
     """
     import faiss
+
+    from recommender.manifest import CatalogRecord
 
     rng = np.random.default_rng(seed)
     kmeans = faiss.Kmeans(catalog.shape[1], clusters, niter=10, seed=seed, max_points_per_centroid=100)
@@ -89,7 +91,10 @@ def attribute_rows(catalog: np.ndarray, queries: np.ndarray, clusters: int, seed
         owner = deal_clusters(sizes, values, rng)
         columns[column_name("cluster", share)] = names[owner[item_cluster]]
         query_values[column_name("cluster", share)] = names[owner[query_cluster]]
-    rows = [{"id": str(i), "labels": {c: str(v[i]) for c, v in columns.items()}} for i in range(len(catalog))]
+    rows = [
+        CatalogRecord(id=str(i), image="", path="", sha256="", labels={c: str(v[i]) for c, v in columns.items()})
+        for i in range(len(catalog))
+    ]
     return rows, query_values
 
 
@@ -232,7 +237,7 @@ def main() -> int:
     print(f"data: {size} items of {data}; {query_count} queries; k={K}")
     started = time.perf_counter()
     rows, query_values = attribute_rows(catalog, queries, clusters)
-    attributes = AttributeIndex(rows, list(rows[0]["labels"]))
+    attributes = AttributeIndex(rows, list(rows[0].labels))
     notes.append(f"cluster columns: {clusters} k-means clusters dealt to the values")
     print(f"attributes: {len(attributes.columns)} columns, built in {time.perf_counter() - started:.1f} s")
     neighbours = exact_neighbours(catalog, queries)

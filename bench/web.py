@@ -116,20 +116,21 @@ def grow_bundle(base: Path, out: Path, items: int, seed: int = 0) -> Path:
     rows = list(engine.rows)
     for number, source in enumerate(sources):
         item_id = f"synthetic-{number:06d}"
-        rows.append({**engine.rows[source], "id": item_id, "sha256": hashlib.sha256(item_id.encode()).hexdigest()})
+        rows.append(replace(engine.rows[source], id=item_id, sha256=hashlib.sha256(item_id.encode()).hexdigest()))
     manifest = read_manifest(base)
 
     def fill(folder: Path) -> dict:
-        for name in manifest["files"]:
+        for name in manifest.files:
             if name not in ("index.faiss", "catalog.jsonl"):
                 shutil.copy2(base / name, folder / name)
         VectorIndex.build(vectors, "flat", use_gpu=False).save(folder / "index.faiss")
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fields = {key: value for key, value in manifest.items() if key not in ("files", "format_version")}
+                handle.write(json.dumps(row.to_json(), ensure_ascii=False) + "\n")
+        fields = {key: value for key, value in manifest.to_json().items() if key not in ("files", "format_version")}
         fields["bundle_id"] = new_bundle_id()
-        fields["counts"] = {**manifest["counts"], "items": len(rows), "synthetic_items": extra}
+        fields["counts"] = {**manifest.counts.to_json(), "items": len(rows)}
+        fields["synthetic"] = {"items": extra, "from": manifest.bundle_id}
         fields["index"] = {"kind": "flat", "size": len(rows)}
         return fields
 

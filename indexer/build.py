@@ -25,6 +25,7 @@ from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.features import ExtractionResult, FeatureStore, extract_features
 from recommender.index import VectorIndex
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
+from recommender.manifest import CatalogRecord
 from recommender.scalers import fit_scaler, scaler_arrays, transform
 
 log = logging.getLogger(__name__)
@@ -298,17 +299,8 @@ def build_bundle(
         checkpoint("write")  # half a bundle on disk: a kill here must leave nothing publishable
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
             for row, digest in zip(extraction.rows, extraction.hashes):
-                record = {
-                    "id": row.id,
-                    "image": row.image,
-                    "path": str(row.path.resolve()),
-                    "sha256": digest,
-                    "labels": row.labels,
-                    "extra": row.extra,
-                }
-                if catalog.tags_column:
-                    record["tags"] = list(row.tags)
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                record = CatalogRecord.from_row(row, digest, with_tags=bool(catalog.tags_column))
+                handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
         write_json(folder / "history.json", trained.history)
         if config.backbone.weights == "none":
             backbone.save_weights(folder / "backbone.weights.h5")

@@ -97,9 +97,9 @@ def run_demo(
         try:
             manifest = read_manifest(bundle)
             reuse = (
-                manifest["backbone"]["spec"] == {**spec.__dict__}
-                and manifest["catalog"].get("hierarchy") == list(DEMO_HIERARCHY)
-                and manifest["catalog"].get("tags_column") == "tags"
+                manifest.backbone.spec == spec
+                and manifest.catalog.hierarchy == tuple(DEMO_HIERARCHY)
+                and manifest.catalog.tags_column == "tags"
             )
         except BundleError:
             reuse = False
@@ -151,7 +151,7 @@ def run_demo(
         + ", ".join(n["id"] for n in narrowed["neighbors"])
         + f" ({narrowed['filter']['matching_items']} catalog items match)"
     )
-    identity = recommender.manifest["backbone"]["identity"]
+    identity = recommender.manifest.backbone.identity
     _say("")
     _say(f"bundle: {bundle} (id {recommender.bundle_id})")
     _say(f"backbone: resnet50, weights: {identity['weights']}, input {identity['input_size']} px")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from recommender.backbones import file_sha256
 from recommender.errors import BundleError
+from recommender.manifest import CatalogRecord, Manifest
 
 FORMAT_VERSION = 2
 #: Format versions this code reads.
@@ -98,13 +99,14 @@ def write_bundle(out: str | os.PathLike, fill: Callable[[Path], dict], *, overwr
     temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     temp.mkdir()
     try:
-        manifest = dict(fill(temp))
+        fields = dict(fill(temp))
         files = {}
         for path in sorted(temp.rglob("*")):
             if path.is_file():
                 files[path.relative_to(temp).as_posix()] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
-        manifest = {"format_version": FORMAT_VERSION, **manifest, "files": files}
-        write_json(temp / MANIFEST, manifest)
+        # Through the reader's validation, so a bundle is never written that cannot be read back.
+        manifest = Manifest.from_json({"format_version": FORMAT_VERSION, **fields, "files": files}, str(out / MANIFEST))
+        write_json(temp / MANIFEST, manifest.to_json())
         for path in temp.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as handle:
@@ -122,11 +124,12 @@ def write_bundle(out: str | os.PathLike, fill: Callable[[Path], dict], *, overwr
     return out
 
 
-def read_manifest(bundle: str | os.PathLike) -> dict:
-    """Reads and sanity-checks ``manifest.json`` (no file hashing).
+def read_manifest(bundle: str | os.PathLike) -> Manifest:
+    """Reads and validates ``manifest.json`` (no file hashing).
 
     Raises:
-        BundleError: no bundle, no or broken manifest, or an unsupported format version.
+        BundleError: no bundle, no or broken manifest, an unsupported format version, or a
+            missing or malformed field (named).
     """
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -144,13 +147,10 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     if version not in READABLE_VERSIONS:
         readable = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise BundleError(f"{bundle}: bundle format version {version!r}, this version reads {readable}")
-    for key in ("bundle_id", "backbone", "files", "counts", "embedding"):
-        if key not in manifest:
-            raise BundleError(f"{path}: missing field {key!r}")
-    return manifest
+    return Manifest.from_json(manifest, str(path))
 
 
-def verify_bundle(bundle: str | os.PathLike) -> dict:
+def verify_bundle(bundle: str | os.PathLike) -> Manifest:
     """Checks every file against the manifest: present, same size, same sha256; no extras.
 
     Returns:
@@ -161,7 +161,7 @@ def verify_bundle(bundle: str | os.PathLike) -> dict:
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    files = manifest["files"]
+    files = manifest.files
     for name in REQUIRED_FILES:
         if name not in files:
             raise BundleError(f"{bundle}: manifest does not list required file {name}")
@@ -170,11 +170,11 @@ def verify_bundle(bundle: str | os.PathLike) -> dict:
         if not path.is_file():
             raise BundleError(f"{bundle}: file {name} is missing")
         size = path.stat().st_size
-        if size != expected["bytes"]:
+        if size != expected.bytes:
             raise BundleError(
-                f"{bundle}: file {name} has {size} bytes, the manifest says {expected['bytes']} (truncated or changed)"
+                f"{bundle}: file {name} has {size} bytes, the manifest says {expected.bytes} (truncated or changed)"
             )
-        if file_sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected.sha256:
             raise BundleError(f"{bundle}: file {name} does not match its sha256 in the manifest (changed or corrupt)")
     extra = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
     unexpected = [name for name in extra if name not in files]
@@ -183,18 +183,28 @@ def verify_bundle(bundle: str | os.PathLike) -> dict:
     return manifest
 
 
-def read_catalog_rows(bundle: Path, expected: int) -> list[dict]:
-    """Reads ``catalog.jsonl``; checks it has ``expected`` rows."""
+def read_catalog_rows(bundle: Path, expected: int) -> list[CatalogRecord]:
+    """Reads ``catalog.jsonl`` (line i is FAISS id i); checks it has ``expected`` rows.
+
+    Raises:
+        BundleError: a line that is not JSON or not a valid record (file and line named), or
+            another number of rows than ``expected``.
+    """
     rows = []
-    with open(bundle / "catalog.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            rows.append(json.loads(line))
+    path = bundle / "catalog.jsonl"
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                payload = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise BundleError(f"{path} line {number}: not valid JSON ({error})") from None
+            rows.append(CatalogRecord.from_json(payload, f"{path} line {number}"))
     if len(rows) != expected:
         raise BundleError(f"{bundle}: catalog.jsonl has {len(rows)} rows, the manifest says {expected}")
     return rows
 
 
-def read_classifier(bundle: str | os.PathLike, manifest: dict | None = None):
+def read_classifier(bundle: str | os.PathLike, manifest: Manifest | None = None):
     """Loads a bundle's trained classifier (model, input scaler, classes, history, metrics).
 
     Args:
@@ -239,6 +249,6 @@ def read_classifier(bundle: str | os.PathLike, manifest: dict | None = None):
         input_scaler=input_scaler,
         label_space=space,
         history=history,
-        metrics=dict(manifest.get("metrics") or {}),
+        metrics=manifest.metrics.to_json(),
     )
     return classifier, embedding_scaler

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from recommender.backbones import BackboneSpec, load_backbone
+from recommender.backbones import load_backbone
 from recommender.bundle import read_catalog_rows, read_classifier, verify_bundle
 from recommender.errors import BundleError, FilterError, QueryError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
+from recommender.manifest import CatalogRecord, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -32,22 +33,22 @@ class Recommender:
 
     Attributes:
         path: the bundle folder.
-        manifest: the verified manifest.
+        manifest: the verified manifest (``recommender.manifest.Manifest``).
         bundle_id: the bundle's id.
-        rows: catalog rows (dicts with id, image, path, sha256, labels, extra and, with a
-            tags column, tags), FAISS order.
+        rows: the catalog records (``recommender.manifest.CatalogRecord``), FAISS order.
         label_space: heads, taxonomy and tags of the classifier.
-        label_columns: single-valued label columns; the first is the primary class.
+        label_columns: single-valued label columns.
+        primary_column: the primary class (the hierarchy's leaf, else the first column).
         classes: per label column, class names by index.
         attributes: which catalog items hold which label value or tag (for filters).
     """
 
-    def __init__(self, path: Path, manifest: dict, backbone, runner, embedding_scaler, index, rows, label_space):
+    def __init__(self, path: Path, manifest: Manifest, backbone, runner, embedding_scaler, index, rows, label_space):
         from recommender.filters import AttributeIndex
 
         self.path = path
         self.manifest = manifest
-        self.bundle_id = manifest["bundle_id"]
+        self.bundle_id = manifest.bundle_id
         self.backbone = backbone
         self.runner = runner
         self.embedding_scaler = embedding_scaler
@@ -55,14 +56,15 @@ class Recommender:
         self.rows = rows
         self.label_space = label_space
         self.label_columns = label_space.columns
+        self.primary_column = label_space.primary_column
         self.classes = label_space.classes
         self.attributes = AttributeIndex(rows, label_space.columns, label_space.tags_column)
-        self.flip_average = bool(manifest["embedding"].get("flip_average"))
-        self.max_pixels = int(manifest.get("max_pixels", 40_000_000))
-        self._by_id = {row["id"]: position for position, row in enumerate(rows)}
+        self.flip_average = manifest.flip_average
+        self.max_pixels = manifest.max_pixels
+        self._by_id = {row.id: position for position, row in enumerate(rows)}
         self._by_hash: dict[str, list[int]] = {}
         for position, row in enumerate(rows):
-            self._by_hash.setdefault(row["sha256"], []).append(position)
+            self._by_hash.setdefault(row.sha256, []).append(position)
 
     # -- embedding ---------------------------------------------------------------------
     def embed_outputs(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -203,11 +205,11 @@ class Recommender:
         filters, _ = self._check_filters(filters, ())
         position = self._by_id[item_id]
         row = self.rows[position]
-        excluded = self._by_hash.get(row["sha256"], [position])
+        excluded = self._by_hash.get(row.sha256, [position])
         vector = self.index.reconstruct(position)
-        answer = {"id": item_id, "labels": row["labels"]}
-        if "tags" in row:
-            answer["tags"] = row["tags"]
+        answer = {"id": item_id, "labels": dict(row.labels)}
+        if row.tags is not None:
+            answer["tags"] = list(row.tags)
         if filters:
             answer["neighbors"], answer["filter"] = self._filtered(vector, filters, excluded, k)
         else:
@@ -215,8 +217,8 @@ class Recommender:
             answer["neighbors"] = self._neighbors(result.positions[0], result.distances[0], set(excluded), k)
         return answer
 
-    def item(self, item_id: str) -> dict:
-        """The catalog row of an id (KeyError when unknown)."""
+    def item(self, item_id: str) -> CatalogRecord:
+        """The catalog record of an id (KeyError when unknown)."""
         return self.rows[self._by_id[item_id]]
 
     def _check_filters(self, filters, match_predicted) -> tuple[dict[str, list[str]], list[str]]:
@@ -274,9 +276,9 @@ class Recommender:
             if position < 0 or int(position) in excluded:
                 continue
             row = self.rows[int(position)]
-            neighbor = {"id": row["id"], "distance": float(distance), "labels": row["labels"], "image": row["image"]}
-            if "tags" in row:
-                neighbor["tags"] = row["tags"]
+            neighbor = {"id": row.id, "distance": float(distance), "labels": dict(row.labels), "image": row.image}
+            if row.tags is not None:
+                neighbor["tags"] = list(row.tags)
             found.append(neighbor)
             if len(found) == k:
                 break
@@ -307,17 +309,16 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
 
     path = Path(path).resolve()
     manifest = verify_bundle(path)
-    spec = BackboneSpec(**manifest["backbone"]["spec"])
     random_weights = path / "backbone.weights.h5" if (path / "backbone.weights.h5").exists() else None
-    backbone = load_backbone(spec, random_weights_path=random_weights)
-    if backbone.identity["key"] != manifest["backbone"]["identity"]["key"]:
+    backbone = load_backbone(manifest.backbone.spec, random_weights_path=random_weights)
+    if backbone.identity["key"] != manifest.backbone.identity_key:
         raise BundleError(
             f"{path}: the backbone here ({backbone.identity}) differs from the one the bundle was built with "
-            f"({manifest['backbone']['identity']}); rebuild the bundle or supply the same weights"
+            f"({dict(manifest.backbone.identity)}); rebuild the bundle or supply the same weights"
         )
     classifier, embedding_scaler = read_classifier(path, manifest)
     index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu)
-    rows = read_catalog_rows(path, manifest["counts"]["items"])
+    rows = read_catalog_rows(path, manifest.counts.items)
     if index.size != len(rows):
         raise BundleError(f"{path}: index has {index.size} vectors for {len(rows)} catalog rows")
     runner = ClassifierRunner(classifier.model, classifier.input_scaler, [h.name for h in classifier.label_space.heads])

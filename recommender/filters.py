@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from recommender.errors import FilterError
+from recommender.manifest import CatalogRecord
 
 #: How many known values an "unknown value" message lists.
 LISTED_VALUES = 10
@@ -28,10 +29,10 @@ class AttributeIndex:
     Python loop over the catalog (see ``bench/filtered.py`` for the measured time).
 
     Args:
-        rows: catalog rows in FAISS order, dicts as in the bundle's ``catalog.jsonl``
-            (``{"id", "image", "labels": {column: value}, "tags": [...], ...}``).
-        columns: label columns that can be filtered on (``row["labels"][column]``).
-        tags_column: the name under which ``row["tags"]`` (a list) can be filtered on: an item
+        rows: catalog records in FAISS order (``recommender.manifest.CatalogRecord``: ``labels``
+            {column: value}, ``tags``).
+        columns: label columns that can be filtered on (``row.labels[column]``).
+        tags_column: the name under which ``row.tags`` can be filtered on: an item
             matches tag value ``v`` when ``v`` is one of its tags. None when the bundle has none.
 
     Attributes:
@@ -39,7 +40,7 @@ class AttributeIndex:
         columns: filterable columns: the label columns, then the tags column.
     """
 
-    def __init__(self, rows: list[dict], columns: list[str], tags_column: str | None = None):
+    def __init__(self, rows: Sequence[CatalogRecord], columns: list[str], tags_column: str | None = None):
         columns = list(columns)
         if tags_column is not None and tags_column in columns:
             raise ValueError(f"column {tags_column!r} cannot be both a label column and the tags column")
@@ -48,13 +49,12 @@ class AttributeIndex:
         self.tags_column = tags_column
         collected: dict[str, dict[str, list[int]]] = {column: {} for column in self.columns}
         for position, row in enumerate(rows):
-            labels = row.get("labels") or {}
             for column in columns:
-                value = labels.get(column)
+                value = row.labels.get(column)
                 if value is not None:
                     collected[column].setdefault(str(value), []).append(position)
             if tags_column is not None:
-                for tag in dict.fromkeys(row.get("tags") or ()):  # a repeated tag counts once
+                for tag in dict.fromkeys(row.tags or ()):  # a repeated tag counts once
                     collected[tags_column].setdefault(str(tag), []).append(position)
         # Positions are appended in increasing order, so every array is already sorted.
         self._positions: dict[str, dict[str, np.ndarray]] = {

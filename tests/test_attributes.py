@@ -96,14 +96,14 @@ def _brute_force(engine, vectors, query_vector, filters, excluded, k) -> list[st
         if position in excluded:
             continue
         keep = all(
-            (set(values) & set(row.get("tags", []))) if column == "tags" else row["labels"][column] in values
+            (set(values) & set(row.tags or ())) if column == "tags" else row.labels[column] in values
             for column, values in filters.items()
         )
         if keep:
             allowed.append(position)
     distances = ((vectors[allowed] - query_vector) ** 2).sum(axis=1)
     order = np.argsort(distances, kind="stable")[:k]
-    return [engine.rows[allowed[i]]["id"] for i in order]
+    return [engine.rows[allowed[i]].id for i in order]
 
 
 def _random_filters(engine, rng) -> dict[str, list[str]]:
@@ -143,7 +143,7 @@ def test_filtered_queries_equal_brute_force_over_the_matching_items(attribute_en
         # similar_to_item with the same filters: brute force from the stored vector
         item = engine.similar_to_item(row["id"], k=k, filters=filters)
         position = engine._by_id[row["id"]]
-        same = set(engine._by_hash[engine.rows[position]["sha256"]])
+        same = set(engine._by_hash[engine.rows[position].sha256])
         assert [n["id"] for n in item["neighbors"]] == _brute_force(
             engine, vectors, vectors[position], filters, same, k
         )
@@ -181,7 +181,7 @@ def test_bad_filters_are_refused(attribute_engine, generated_catalog, filters, m
         attribute_engine.query(image, filters=filters, match_predicted=match_predicted)
     if not match_predicted:
         with pytest.raises(QueryError, match=message):
-            attribute_engine.similar_to_item(attribute_engine.rows[0]["id"], filters=filters)
+            attribute_engine.similar_to_item(attribute_engine.rows[0].id, filters=filters)
 
 
 # -- the combined mode, built through the CLI --------------------------------------------------

@@ -22,16 +22,16 @@ def bundle_copy(tiny_bundle, tmp_path):
 def test_manifest_records_what_a_bundle_needs(tiny_bundle, tiny_build):
     manifest = verify_bundle(tiny_bundle)
     report = tiny_build[1]
-    assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["bundle_id"] == report.bundle_id
-    assert manifest["backbone"]["identity"]["weights"] == "none (random init)"
-    assert manifest["backbone"]["spec"]["input_size"] == 64
-    assert {"tensorflow", "keras", "numpy", "scikit-learn", "h5py", "pillow"} <= set(manifest["libraries"])
-    assert manifest["counts"]["items"] == report.items == 96
-    assert manifest["counts"]["classes"] == {"label": 4, "colour": 3}
-    assert set(manifest["metrics"]["heads"]) == {"label", "colour"}
+    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.bundle_id == report.bundle_id
+    assert manifest.backbone.identity["weights"] == "none (random init)"
+    assert manifest.backbone.spec.input_size == 64
+    assert {"tensorflow", "keras", "numpy", "scikit-learn", "h5py", "pillow"} <= set(manifest.libraries)
+    assert manifest.counts.items == report.items == 96
+    assert manifest.counts.classes == {"label": 4, "colour": 3}
+    assert set(manifest.metrics.heads) == {"label", "colour"}
     for name in ("model.keras", "scalers.npz", "labels.json", "index.faiss", "catalog.jsonl", "backbone.weights.h5"):
-        assert len(manifest["files"][name]["sha256"]) == 64
+        assert len(manifest.files[name].sha256) == 64
     assert not any(p.name.endswith((".pkl", ".pickle")) for p in tiny_bundle.iterdir())
 
 
@@ -86,9 +86,16 @@ def test_write_is_atomic_and_refuses_to_overwrite(tmp_path):
         write_bundle(out, failing)
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no half bundle, no temp left
 
-    def fill(folder):
+    def fill(folder, **changes):
         (folder / "a.txt").write_text("x")
-        return {"bundle_id": "one"}
+        spec = {"name": "resnet50", "weights": "none", "input_size": 64, "seed": 0}
+        fields = {"bundle_id": "one", "backbone": {"spec": spec, "identity": {"key": "k"}}}
+        return {**fields, "embedding": {"dimension": 512}, "counts": {"items": 0}, **changes}
+
+    # A manifest the readers would refuse is never written: the job fails, nothing is left.
+    with pytest.raises(BundleError, match=r"manifest.json: counts.items: expected an integer, got 'lots'"):
+        write_bundle(out, lambda folder: fill(folder, counts={"items": "lots"}))
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
     write_bundle(out, fill)
     with pytest.raises(BundleError, match="already exists"):

@@ -29,7 +29,7 @@ def run_cli(*args, timeout=300):
 
 
 def test_query_prints_one_json_object_per_image(tiny_bundle, engine, capsys):
-    paths = [engine.rows[0]["path"], engine.rows[40]["path"]]
+    paths = [engine.rows[0].path, engine.rows[40].path]
     assert main(["query", "--bundle", str(tiny_bundle), "--k", "4", *paths]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
@@ -44,7 +44,7 @@ def test_query_prints_one_json_object_per_image(tiny_bundle, engine, capsys):
 
 
 def test_query_with_a_bad_image_reports_it_and_exits_1(tiny_bundle, engine, image_files, capsys):
-    code = main(["query", "--bundle", str(tiny_bundle), str(image_files["truncated_jpeg"]), engine.rows[0]["path"]])
+    code = main(["query", "--bundle", str(tiny_bundle), str(image_files["truncated_jpeg"]), engine.rows[0].path])
     captured = capsys.readouterr()
     assert code == 1
     assert len(captured.out.strip().splitlines()) == 1  # the good image is still answered
@@ -154,7 +154,7 @@ def test_build_trains_and_indexes_a_class_of_one_photo(tmp_path, generated_catal
     assert manifest["counts"]["items"] == 97 and manifest["counts"]["classes"] == {"label": 5, "colour": 4}
     engine = load_bundle(out)
     assert "grid" in engine.label_space.classes_of("label") and "green" in engine.label_space.classes_of("colour")
-    answer = engine.query(engine.item(SINGLETON_ID)["path"], k=1, exclude_self=False)
+    answer = engine.query(engine.item(SINGLETON_ID).path, k=1, exclude_self=False)
     assert answer["neighbors"][0]["id"] == SINGLETON_ID  # indexed, and finds itself first
 
 

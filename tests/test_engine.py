@@ -11,9 +11,9 @@ from recommender.images import load_image
 
 def test_answer_shape(engine, generated_catalog):
     row = engine.rows[0]
-    answer = engine.query(row["path"], k=6)
+    answer = engine.query(row.path, k=6)
     assert set(answer) == {"image", "predicted", "neighbors"}
-    assert answer["image"] == row["path"]
+    assert answer["image"] == row.path
     assert set(answer["predicted"]) == {"label", "colour"}
     for head, names in zip(engine.label_columns, engine.classes):
         assert answer["predicted"][head]["label"] in names
@@ -28,22 +28,22 @@ def test_answer_shape(engine, generated_catalog):
 
 def test_each_catalog_image_finds_itself_first_when_not_excluded(engine):
     for row in engine.rows[::7]:
-        answer = engine.query(row["path"], k=1, exclude_self=False)
-        assert answer["neighbors"][0]["id"] == row["id"]
+        answer = engine.query(row.path, k=1, exclude_self=False)
+        assert answer["neighbors"][0]["id"] == row.id
         assert answer["neighbors"][0]["distance"] < 1e-2
 
 
 def test_query_item_is_excluded_from_its_own_neighbors(engine):
     for row in engine.rows[::11]:
-        answer = engine.query(row["path"], k=6)
-        assert row["id"] not in [n["id"] for n in answer["neighbors"]]
+        answer = engine.query(row.path, k=6)
+        assert row.id not in [n["id"] for n in answer["neighbors"]]
         assert len(answer["neighbors"]) == 6
 
 
 def test_bytes_query_equals_path_query_and_is_also_excluded(engine):
     row = engine.rows[3]
-    from_path = engine.query(row["path"])
-    with open(row["path"], "rb") as handle:
+    from_path = engine.query(row.path)
+    with open(row.path, "rb") as handle:
         from_bytes = engine.query(handle.read())
     assert [n["id"] for n in from_bytes["neighbors"]] == [n["id"] for n in from_path["neighbors"]]
     assert from_bytes["image"] is None
@@ -51,14 +51,14 @@ def test_bytes_query_equals_path_query_and_is_also_excluded(engine):
 
 def test_neighbors_equal_brute_force_over_catalog_embeddings(engine):
     vectors = np.stack([engine.index.reconstruct(i) for i in range(engine.index.size)])
-    images = np.stack([load_image(row["path"], engine.backbone.input_size) for row in engine.rows[:10]])
+    images = np.stack([load_image(row.path, engine.backbone.input_size) for row in engine.rows[:10]])
     queries, _ = engine.embed_images(images)
     distances = np.sqrt(((queries[:, None] - vectors[None]) ** 2).sum(-1))
     for i, row in enumerate(engine.rows[:10]):
         expected = [
-            engine.rows[j]["id"] for j in np.argsort(distances[i], kind="stable") if engine.rows[j]["id"] != row["id"]
+            engine.rows[j].id for j in np.argsort(distances[i], kind="stable") if engine.rows[j].id != row.id
         ][:6]
-        got = [n["id"] for n in engine.query(row["path"])["neighbors"]]
+        got = [n["id"] for n in engine.query(row.path)["neighbors"]]
         assert got == expected
 
 
@@ -79,9 +79,9 @@ def test_new_image_gets_sensible_answer(engine, tmp_path):
 
 def test_similar_to_item_uses_stored_embedding(engine):
     row = engine.rows[5]
-    by_item = engine.similar_to_item(row["id"], k=6)
-    by_image = engine.query(row["path"], k=6)
-    assert row["id"] not in [n["id"] for n in by_item["neighbors"]]
+    by_item = engine.similar_to_item(row.id, k=6)
+    by_image = engine.query(row.path, k=6)
+    assert row.id not in [n["id"] for n in by_item["neighbors"]]
     assert [n["id"] for n in by_item["neighbors"]] == [n["id"] for n in by_image["neighbors"]]
     with pytest.raises(KeyError):
         engine.similar_to_item("no-such-id")
@@ -90,7 +90,7 @@ def test_similar_to_item_uses_stored_embedding(engine):
 @pytest.mark.parametrize("k", [0, 101, -1, 2.5, "6", True])
 def test_bad_k_is_refused(engine, k):
     with pytest.raises(QueryError, match="k must be"):
-        engine.query(engine.rows[0]["path"], k=k)
+        engine.query(engine.rows[0].path, k=k)
 
 
 def test_bad_image_is_refused(engine, image_files):
@@ -108,8 +108,8 @@ def test_trained_embedding_neighbors_agree_on_label_more_than_raw_features(engin
     from recommender.synthetic import COLOURS, draw_product
 
     size = engine.backbone.input_size
-    catalog_images = np.stack([load_image(row["path"], size) for row in engine.rows])
-    catalog_labels = np.array([row["labels"]["label"] for row in engine.rows])
+    catalog_images = np.stack([load_image(row.path, size) for row in engine.rows])
+    catalog_labels = np.array([row.labels["label"] for row in engine.rows])
     rng = np.random.default_rng(2024)
     queries, query_labels = [], []
     for pattern in TINY_PATTERNS:

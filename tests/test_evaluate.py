@@ -364,10 +364,10 @@ def test_catalog_items_as_queries_do_not_find_themselves(engine, generated_catal
     assert metrics["examples"]["plot"] == "examples.png"
     run = run_queries(engine, rows, 6)
     for i, row in enumerate(run.rows):
-        neighbours = [engine.rows[p]["id"] for p in run.positions[i]]
+        neighbours = [engine.rows[p].id for p in run.positions[i]]
         assert len(neighbours) == 6 and row.id not in neighbours
     with_self = run_queries(engine, rows, 6, exclude_self=False)
-    assert [engine.rows[p]["id"] for p in with_self.positions[:, 0]] == [row.id for row in rows]
+    assert [engine.rows[p].id for p in with_self.positions[:, 0]] == [row.id for row in rows]
 
 
 def test_nothing_to_evaluate_is_an_error(engine, test_catalog, tmp_path):

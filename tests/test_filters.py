@@ -10,6 +10,22 @@ import pytest
 from recommender.errors import QueryError
 from recommender.filters import AttributeIndex, parse_filters
 from recommender.index import EXACT_SCAN_UP_TO, VectorIndex
+from recommender.manifest import CatalogRecord
+
+
+def as_records(rows: list[dict]) -> list[CatalogRecord]:
+    """Catalog records of rows written as in catalog.jsonl (image, path and hash do not matter here)."""
+    return [
+        CatalogRecord(
+            id=row["id"],
+            image=row.get("image", ""),
+            path="",
+            sha256="",
+            labels=row["labels"],
+            tags=tuple(row["tags"]) if "tags" in row else None,
+        )
+        for row in rows
+    ]
 
 GENDERS = ("Women", "Men", "Unisex")
 CATEGORIES = tuple(f"category-{i:02d}" for i in range(12))
@@ -61,7 +77,7 @@ def catalog():
     vectors = (centres[rng.integers(0, 20, 2000)] + rng.normal(size=(2000, 32))).astype(np.float32)
     rows = make_rows(len(vectors))
     queries = (vectors[rng.integers(0, len(vectors), 30)] + rng.normal(size=(30, 32))).astype(np.float32)
-    return vectors, rows, AttributeIndex(rows, ["gender", "category"], "tags"), queries
+    return vectors, rows, AttributeIndex(as_records(rows), ["gender", "category"], "tags"), queries
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +141,7 @@ def small_index() -> AttributeIndex:
         {"id": "d", "labels": {"gender": "Men", "category": "Boots"}, "tags": ["new", "new"]},
         {"id": "e", "labels": {"gender": "Unisex", "category": "Sneakers"}},
     ]
-    return AttributeIndex(rows, ["gender", "category"], "tags")
+    return AttributeIndex(as_records(rows), ["gender", "category"], "tags")
 
 
 def test_columns_and_values():
@@ -136,7 +152,7 @@ def test_columns_and_values():
     assert attributes.values("tags") == {"new": 2, "sale": 2}  # a repeated tag counts once
     with pytest.raises(QueryError, match="unknown filter column 'colour'"):
         attributes.values("colour")
-    without_tags = AttributeIndex([{"labels": {"gender": "Men"}}], ["gender"])
+    without_tags = AttributeIndex(as_records([{"id": "m", "labels": {"gender": "Men"}}]), ["gender"])
     assert without_tags.columns == ["gender"]
 
 

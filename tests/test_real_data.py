@@ -95,5 +95,5 @@ def test_trained_embedding_beats_raw_features(clothing_build, clothing_engine, t
 
 def test_catalog_photo_finds_itself_and_is_excluded(clothing_engine):
     row = clothing_engine.rows[100]
-    assert clothing_engine.query(row["path"], k=1, exclude_self=False)["neighbors"][0]["id"] == row["id"]
-    assert row["id"] not in [n["id"] for n in clothing_engine.query(row["path"], k=6)["neighbors"]]
+    assert clothing_engine.query(row.path, k=1, exclude_self=False)["neighbors"][0]["id"] == row.id
+    assert row.id not in [n["id"] for n in clothing_engine.query(row.path, k=6)["neighbors"]]

@@ -54,7 +54,7 @@ def client(app):
 @pytest.fixture(scope="module")
 def catalog_photo(engine) -> bytes:
     """The encoded bytes of a catalog item's photo."""
-    return Path(engine.rows[5]["path"]).read_bytes()
+    return Path(engine.rows[5].path).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +288,7 @@ def test_search_form_shows_prediction_and_six_cards(client, engine, catalog_phot
     for neighbor in direct["neighbors"]:
         assert f'href="/items/{neighbor["id"]}"' in page
         assert f'src="/catalog/{neighbor["id"]}/image"' in page
-        assert engine.item(neighbor["id"])["extra"]["title"] in page
+        assert engine.item(neighbor["id"]).extra["title"] in page
     assert direct["predicted"]["label"]["label"] in page
     assert f"{direct['predicted']['label']['probability'] * 100:.0f}% sure" in page
     assert direct["predicted"]["colour"]["label"] in page
@@ -330,15 +330,15 @@ def test_search_form_with_a_bad_image_explains_why(client, image_files, name):
 
 def test_item_page_shows_the_product_and_six_similar_items(client, engine):
     row = engine.rows[10]
-    response = client.get(f"/items/{row['id']}")
+    response = client.get(f"/items/{row.id}")
     assert response.status_code == 200
     page = response.get_data(as_text=True)
-    assert row["extra"]["title"] in page and row["id"] in page
-    assert f'src="/catalog/{row["id"]}/image"' in page
+    assert row.extra["title"] in page and row.id in page
+    assert f'src="/catalog/{row.id}/image"' in page
     assert page.count('class="card"') == 6
-    for neighbor in engine.similar_to_item(row["id"], 6)["neighbors"]:
+    for neighbor in engine.similar_to_item(row.id, 6)["neighbors"]:
         assert f'href="/items/{neighbor["id"]}"' in page
-    assert f'href="/items/{row["id"]}"' not in page  # not its own neighbour
+    assert f'href="/items/{row.id}"' not in page  # not its own neighbour
 
 
 def test_unknown_pages_and_items_get_a_friendly_404(client):
@@ -377,7 +377,7 @@ def test_upload_answers_like_the_engine(client, engine, catalog_photo, raw):
         assert body["predicted"][column]["label"] == prediction["label"]
         assert body["predicted"][column]["probability"] == pytest.approx(prediction["probability"], abs=1e-5)
     assert_same_neighbors(body["neighbors"], direct["neighbors"])
-    assert read_image_bytes(catalog_photo).sha256 not in [engine.item(n["id"])["sha256"] for n in body["neighbors"]]
+    assert read_image_bytes(catalog_photo).sha256 not in [engine.item(n["id"]).sha256 for n in body["neighbors"]]
     for neighbor in body["neighbors"]:
         assert neighbor["image_url"] == f"/catalog/{neighbor['id']}/image"
 
@@ -444,14 +444,14 @@ def test_upload_limit_is_413_above_and_accepted_at_the_limit(client):
 
 def test_items_similar_answers_like_the_engine(client, engine):
     for row in engine.rows[::17]:
-        response = client.get(f"/api/v1/items/{row['id']}/similar?k=4")
+        response = client.get(f"/api/v1/items/{row.id}/similar?k=4")
         assert response.status_code == 200
         body = response.get_json()
-        direct = engine.similar_to_item(row["id"], 4)
-        assert body["id"] == row["id"] and body["labels"] == row["labels"] and body["bundle"] == engine.bundle_id
+        direct = engine.similar_to_item(row.id, 4)
+        assert body["id"] == row.id and body["labels"] == row.labels and body["bundle"] == engine.bundle_id
         assert_same_neighbors(body["neighbors"], direct["neighbors"])
-        assert row["id"] not in [n["id"] for n in body["neighbors"]]
-    assert len(client.get(f"/api/v1/items/{engine.rows[0]['id']}/similar").get_json()["neighbors"]) == 6
+        assert row.id not in [n["id"] for n in body["neighbors"]]
+    assert len(client.get(f"/api/v1/items/{engine.rows[0].id}/similar").get_json()["neighbors"]) == 6
 
 
 def test_filters_on_a_bundle_without_hierarchy_or_tags(client, engine, catalog_photo):
@@ -491,13 +491,13 @@ def test_unexpected_failure_is_a_clean_500_and_the_server_keeps_answering(app, c
 def test_catalog_image_is_served_by_id_with_caching_headers(client, engine):
     row = engine.rows[3]
     # A file response must be closed, as a WSGI server does, or its file stays open.
-    with client.get(f"/catalog/{row['id']}/image") as response:
+    with client.get(f"/catalog/{row.id}/image") as response:
         assert response.status_code == 200
-        assert response.data == Path(row["path"]).read_bytes()
+        assert response.data == Path(row.path).read_bytes()
         assert response.mimetype == "image/jpeg"
-        assert response.headers["ETag"] == f'"{row["sha256"]}"'
+        assert response.headers["ETag"] == f'"{row.sha256}"'
         assert "public" in response.headers["Cache-Control"] and "max-age=3600" in response.headers["Cache-Control"]
-    with client.get(f"/catalog/{row['id']}/image", headers={"If-None-Match": response.headers["ETag"]}) as again:
+    with client.get(f"/catalog/{row.id}/image", headers={"If-None-Match": response.headers["ETag"]}) as again:
         assert again.status_code == 304 and again.data == b""
 
 
@@ -526,8 +526,8 @@ def test_healthz_and_readyz(client, engine):
     assert response.status_code == 200
     body = response.get_json()
     assert body["status"] == "ready" and body["ready"] is True
-    assert body["bundle"] == engine.bundle_id == engine.manifest["bundle_id"]
-    assert body["items"] == engine.manifest["counts"]["items"] == len(engine.rows)
+    assert body["bundle"] == engine.bundle_id == engine.manifest.bundle_id
+    assert body["items"] == engine.manifest.counts.items == len(engine.rows)
     assert body["backbone"]["kind"] == "resnet50" and body["backbone"]["input_size"] == 64
     assert body["reload_error"] is None
 
@@ -538,7 +538,7 @@ def test_healthz_and_readyz(client, engine):
 def test_titles_are_escaped(evil_app, evil_bundle):
     client = evil_app.test_client()
     rows = evil_app.extensions["live_bundle"].current().rows
-    page = client.get(f"/items/{rows[0]['id']}").get_data(as_text=True)
+    page = client.get(f"/items/{rows[0].id}").get_data(as_text=True)
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &#34;Tee&#34;" in page
     home = client.get("/").get_data(as_text=True)
@@ -557,7 +557,7 @@ def test_ids_with_url_syntax_work_on_every_route(evil_app):
         assert image.status_code == 200
     # Links the pages build to it lead back to it.
     neighbors = client.get(
-        f"/api/v1/items/{quote(evil_app.extensions['live_bundle'].current().rows[2]['id'])}/similar?k=100"
+        f"/api/v1/items/{quote(evil_app.extensions['live_bundle'].current().rows[2].id)}/similar?k=100"
     )
     link = next(n["image_url"] for n in neighbors.get_json()["neighbors"] if n["id"] == ODD_ID)
     with client.get(link) as image:
@@ -656,7 +656,7 @@ def _http(base: str, method: str, path: str, body: bytes | None = None, content_
 
 
 def test_concurrent_mixed_requests_are_all_answered_correctly(live_server, engine, image_files):
-    photos = [Path(row["path"]).read_bytes() for row in engine.rows[::9]] + [
+    photos = [Path(row.path).read_bytes() for row in engine.rows[::9]] + [
         image_files[name].read_bytes() for name in GOOD_IMAGES
     ]
     requests = []  # (method, path, body, content type, expected status, expected neighbours or None)
@@ -671,11 +671,11 @@ def test_concurrent_mixed_requests_are_all_answered_correctly(live_server, engin
         requests.append(
             (
                 "GET",
-                f"/api/v1/items/{row['id']}/similar?k=5",
+                f"/api/v1/items/{row.id}/similar?k=5",
                 None,
                 None,
                 200,
-                engine.similar_to_item(row["id"], 5)["neighbors"],
+                engine.similar_to_item(row.id, 5)["neighbors"],
             )
         )
     requests += [("GET", "/api/v1/items/nope/similar", None, None, 404, None)] * 4
@@ -743,7 +743,7 @@ def test_browser_upload_results_and_item_page(browser, live_server, engine):
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(exist_ok=True)
-    photo = engine.rows[40]["path"]
+    photo = engine.rows[40].path
     browser.get(live_server + "/")
     assert "Search by photo" in browser.title
     browser.find_element(By.CSS_SELECTOR, "input[type=file][name=image]").send_keys(photo)
@@ -781,7 +781,7 @@ def test_browser_upload_results_and_item_page(browser, live_server, engine):
     first = narrowed["neighbors"][0]
     cards[0].find_element(By.CSS_SELECTOR, "a").click()
     wait.until(expected_conditions.url_contains(f"/items/{first['id']}"))
-    assert browser.find_element(By.CSS_SELECTOR, "h1").text == engine.item(first["id"])["extra"]["title"]
+    assert browser.find_element(By.CSS_SELECTOR, "h1").text == engine.item(first["id"]).extra["title"]
     assert len(browser.find_elements(By.CSS_SELECTOR, ".card")) == 6
     browser.save_screenshot(str(ARTIFACTS / "webapp-item.png"))
 

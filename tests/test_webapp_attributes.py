@@ -44,7 +44,7 @@ def client(app):
 @pytest.fixture(scope="module")
 def photo(attribute_engine) -> bytes:
     """A catalog photo (a black stripes T-shirt)."""
-    return Path(attribute_engine.item("stripes-black-002")["path"]).read_bytes()
+    return Path(attribute_engine.item("stripes-black-002").path).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_item_filters_answer_like_the_engine(client, attribute_engine):
     body = response.get_json()
     direct = attribute_engine.similar_to_item(ITEM, 8, filters={"department": "prints", "tags": "cool"})
     assert body["filter"] == direct["filter"] and body["filter"]["complete"]
-    assert body["tags"] == attribute_engine.item(ITEM)["tags"]
+    assert body["tags"] == list(attribute_engine.item(ITEM).tags)
     assert_same_neighbors(body["neighbors"], direct["neighbors"])
     assert all(has(n, "department", "prints") and has(n, "tags", "cool") for n in body["neighbors"])
 
@@ -290,8 +290,8 @@ def test_a_click_can_be_answered_by_another_worker(client, attribute_bundle, att
 def test_a_catalog_photo_stays_out_of_its_own_narrowed_neighbours(client, attribute_engine, photo):
     page = Page(form_post(client, "/", photo).get_data(as_text=True))
     own = attribute_engine.item("stripes-black-002")
-    narrowed = Page(click(client, page, "toggle", f"colour:{own['labels']['colour']}").get_data(as_text=True))
-    assert narrowed.cards and own["id"] not in narrowed.card_ids
+    narrowed = Page(click(client, page, "toggle", f"colour:{own.labels['colour']}").get_data(as_text=True))
+    assert narrowed.cards and own.id not in narrowed.card_ids
 
 
 def test_a_large_upload_travels_as_the_model_input_and_answers_the_same(client, attribute_engine, large_photo):
@@ -337,7 +337,7 @@ def test_query_photo_keeps_small_uploads_and_the_upload_hash(attribute_engine, p
 
 def test_fewer_matches_show_the_note_on_both_pages(app, client, attribute_engine, photo, monkeypatch):
     monkeypatch.setitem(app.config, "WEB", dataclasses.replace(app.config["WEB"], default_k=10))
-    own = attribute_engine.item("stripes-black-002")["labels"]
+    own = attribute_engine.item("stripes-black-002").labels
     page = Page(form_post(client, "/", photo).get_data(as_text=True))
     narrowed = click(client, page, "toggle", f"colour:{own['colour']}")
     both = click(client, Page(narrowed.get_data(as_text=True)), "toggle", f"label:{own['label']}")
@@ -379,8 +379,8 @@ def test_a_damaged_results_form_shows_the_upload_form_with_the_reason(client, ph
 def test_item_page_shows_its_attributes_as_filter_links(client, attribute_engine):
     row = attribute_engine.item(ITEM)
     page = Page(client.get(f"/items/{ITEM}").get_data(as_text=True))
-    expected = [(level, row["labels"][level]) for level in ("department", "family", "label")]
-    expected += [("colour", row["labels"]["colour"])] + [("tags", tag) for tag in row["tags"]]
+    expected = [(level, row.labels[level]) for level in ("department", "family", "label")]
+    expected += [("colour", row.labels["colour"])] + [("tags", tag) for tag in row.tags]
     assert [(f["data-column"], f["data-value"]) for f in page.facets] == expected
     assert all(f["tag"] == "a" and f["text"] == f["data-value"] for f in page.facets)
     assert page.facet("colour", "red")["href"] == f"/items/{ITEM}?filter=colour:red#similar"
@@ -391,7 +391,7 @@ def test_item_page_shows_its_attributes_as_filter_links(client, attribute_engine
     assert all(("colour", "red") in chips for _, chips in narrowed.cards)
     assert narrowed.active == [("colour", "red")]
     # Another value keeps the first (AND); clicking an active one removes it.
-    family = narrowed.facet("family", row["labels"]["family"])
+    family = narrowed.facet("family", row.labels["family"])
     assert family["href"] == f"/items/{ITEM}?filter=colour:red&filter=family:solid#similar"
     assert narrowed.facet("colour", "red")["href"] == f"/items/{ITEM}#similar"
     both = Page(client.get(family["href"]).get_data(as_text=True))
@@ -414,7 +414,7 @@ def test_browser_narrows_by_a_tag_and_a_colour(browser, app, attribute_engine, p
     from selenium.webdriver.support.ui import WebDriverWait
 
     ARTIFACTS.mkdir(exist_ok=True)
-    path = attribute_engine.item("stripes-black-002")["path"]
+    path = attribute_engine.item("stripes-black-002").path
     direct = attribute_engine.query(photo, k=6)
     tag = direct["tags"][0]["tag"]
     wait = WebDriverWait(browser, 60)
@@ -457,7 +457,7 @@ def test_browser_narrows_by_a_tag_and_a_colour(browser, app, attribute_engine, p
         browser.find_element(By.CSS_SELECTOR, ".result .card a").click()
         wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".product .facets")))
         item_id = browser.current_url.rsplit("/items/", 1)[1]
-        colour = attribute_engine.item(item_id)["labels"]["colour"]
+        colour = attribute_engine.item(item_id).labels["colour"]
         browser.find_element(By.CSS_SELECTOR, f'a.facet[data-column="colour"][data-value="{colour}"]').click()
         wait.until(expected_conditions.presence_of_element_located((By.CSS_SELECTOR, ".filter-bar")))
         cards_have("colour", colour)

@@ -122,8 +122,8 @@ def test_publishing_a_new_bundle_swaps_without_failures_and_a_broken_one_is_refu
     second = load_bundle(second_bundle)
     assert second.bundle_id != first_id
 
-    item_ids = [row["id"] for row in engine.rows[::8]]
-    photo = Path(engine.rows[7]["path"]).read_bytes()
+    item_ids = [row.id for row in engine.rows[::8]]
+    photo = Path(engine.rows[7].path).read_bytes()
     expected = {
         bundle.bundle_id: {
             "upload": bundle.query(photo, k=4)["neighbors"],
@@ -183,9 +183,9 @@ def _stand_in_engine(path: Path):
     return SimpleNamespace(
         bundle_id=manifest["bundle_id"],
         path=path,
-        manifest={"backbone": {"identity": {"kind": "stand-in"}}, "counts": {"items": 1}},
+        manifest=SimpleNamespace(backbone=SimpleNamespace(identity={"kind": "stand-in"}), counts=SimpleNamespace(items=1)),
         backbone=SimpleNamespace(input_size=2),
-        rows=[{"id": "a"}],
+        rows=[SimpleNamespace(id="a")],
         embed_images=lambda images: (np.zeros((len(images), 1)), []),
         similar_to_item=lambda item_id, k: {"neighbors": []},
     )

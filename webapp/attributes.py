@@ -151,10 +151,10 @@ def of_query(engine, answer: dict, active: Filters) -> dict:
     )
 
 
-def of_item(engine, row: dict, active: Filters, link: Callable[[Filters], str]) -> dict:
-    """The attribute panel of a catalog item, with links (see :func:`describe`)."""
-    tags = [(tag, None) for tag in row.get("tags") or ()] if engine.label_space.tags_column else None
-    return describe(engine, row["labels"], tags, active, link=link)
+def of_item(engine, row, active: Filters, link: Callable[[Filters], str]) -> dict:
+    """The attribute panel of a catalog item (a ``CatalogRecord``), with links (see :func:`describe`)."""
+    tags = [(tag, None) for tag in row.tags or ()] if engine.label_space.tags_column else None
+    return describe(engine, dict(row.labels), tags, active, link=link)
 
 
 def active_filters(active: Filters, link: Callable[[Filters], str] | None = None) -> list[dict]:

@@ -50,7 +50,7 @@ def warm_up(engine) -> None:
     """
     size = engine.backbone.input_size
     engine.embed_images(np.full((1, size, size, 3), 255, dtype=np.uint8))
-    engine.similar_to_item(engine.rows[0]["id"], k=1)
+    engine.similar_to_item(engine.rows[0].id, k=1)
 
 
 class LiveBundle:
@@ -155,10 +155,10 @@ class LiveBundle:
             "reload_error": self._failure,
         }
         if engine is not None:
-            identity = engine.manifest["backbone"]["identity"]
+            identity = engine.manifest.backbone.identity
             status.update(
                 bundle=engine.bundle_id,
-                items=engine.manifest["counts"]["items"],
+                items=engine.manifest.counts.items,
                 backbone={key: value for key, value in identity.items() if key != "key"},
                 path=str(engine.path),
             )

@@ -133,7 +133,7 @@ def item_page(item_id: str):
     return render_template(
         "item.html",
         item=service.card(row),
-        extra={key: value for key, value in (row.get("extra") or {}).items() if key != "title" and value},
+        extra={key: value for key, value in row.extra.items() if key != "title" and value},
         attributes=attributes.of_item(service.engine(), row, active, link),
         active=attributes.active_filters(active, link),
         filters=active,
@@ -153,8 +153,8 @@ def catalog_image(item_id: str):
     with ``If-None-Match`` and gets 304 while the photo is unchanged.
     """
     row = service.catalog_row(item_id)
-    path = Path(row["path"])
+    path = Path(row.path)
     if not path.is_file():
         log.warning("the photo of catalog item %r is missing: %s", item_id, path)
         raise NotFound(f"the photo of item {item_id!r} is not available")
-    return send_file(path, etag=row["sha256"], max_age=current_app.config["WEB"].image_max_age_s, conditional=True)
+    return send_file(path, etag=row.sha256, max_age=current_app.config["WEB"].image_max_age_s, conditional=True)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from flask import current_app, g, url_for
 
 from recommender.errors import FilterError
+from recommender.manifest import CatalogRecord
 from webapp.errors import UnknownItem
 from webapp.inputs import InvalidFilter
 
@@ -25,8 +26,8 @@ def engine():
     return g.engine
 
 
-def catalog_row(item_id: str) -> dict:
-    """The served bundle's catalog row of ``item_id``.
+def catalog_row(item_id: str) -> CatalogRecord:
+    """The served bundle's catalog record of ``item_id``.
 
     Raises:
         UnknownItem: no such id (404).
@@ -76,22 +77,22 @@ def with_image_urls(neighbors: list[dict]) -> list[dict]:
     return [{**neighbor, "image_url": url_for("pages.catalog_image", item_id=neighbor["id"])} for neighbor in neighbors]
 
 
-def title_of(row: dict) -> str:
+def title_of(row: CatalogRecord) -> str:
     """A product's display title: its catalog ``title`` column, else its id."""
-    title = (row.get("extra") or {}).get("title")
-    return str(title) if title else str(row["id"])
+    title = row.extra.get("title")
+    return str(title) if title else str(row.id)
 
 
-def card(row: dict, distance: float | None = None) -> dict:
+def card(row: CatalogRecord, distance: float | None = None) -> dict:
     """What a product card shows: title, labels, tags, distance, links."""
     return {
-        "id": row["id"],
+        "id": row.id,
         "title": title_of(row),
-        "labels": row["labels"],
-        "tags": list(row.get("tags") or ()),
+        "labels": dict(row.labels),
+        "tags": list(row.tags or ()),
         "distance": distance,
-        "image_url": url_for("pages.catalog_image", item_id=row["id"]),
-        "item_url": url_for("pages.item_page", item_id=row["id"]),
+        "image_url": url_for("pages.catalog_image", item_id=row.id),
+        "item_url": url_for("pages.item_page", item_id=row.id),
     }
 
 
