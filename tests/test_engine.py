@@ -55,9 +55,9 @@ def test_neighbors_equal_brute_force_over_catalog_embeddings(engine):
     queries, _ = engine.embed_images(images)
     distances = np.sqrt(((queries[:, None] - vectors[None]) ** 2).sum(-1))
     for i, row in enumerate(engine.rows[:10]):
-        expected = [
-            engine.rows[j].id for j in np.argsort(distances[i], kind="stable") if engine.rows[j].id != row.id
-        ][:6]
+        expected = [engine.rows[j].id for j in np.argsort(distances[i], kind="stable") if engine.rows[j].id != row.id][
+            :6
+        ]
         got = [n["id"] for n in engine.query(row.path)["neighbors"]]
         assert got == expected
 

@@ -27,6 +27,7 @@ def as_records(rows: list[dict]) -> list[CatalogRecord]:
         for row in rows
     ]
 
+
 GENDERS = ("Women", "Men", "Unisex")
 CATEGORIES = tuple(f"category-{i:02d}" for i in range(12))
 TAGS = ("sale", "new", "eco", "limited")

@@ -183,7 +183,9 @@ def _stand_in_engine(path: Path):
     return SimpleNamespace(
         bundle_id=manifest["bundle_id"],
         path=path,
-        manifest=SimpleNamespace(backbone=SimpleNamespace(identity={"kind": "stand-in"}), counts=SimpleNamespace(items=1)),
+        manifest=SimpleNamespace(
+            backbone=SimpleNamespace(identity={"kind": "stand-in"}), counts=SimpleNamespace(items=1)
+        ),
         backbone=SimpleNamespace(input_size=2),
         rows=[SimpleNamespace(id="a")],
         embed_images=lambda images: (np.zeros((len(images), 1)), []),
