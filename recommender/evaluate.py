@@ -1,7 +1,7 @@
 """Measuring a bundle on labelled query images: classification, hierarchy, tag and retrieval metrics.
 
 Two layers. The metric functions (:func:`classification_metrics`, :func:`hierarchy_metrics`,
-:func:`multilabel_metrics`, :func:`retrieval_metrics` and the P@k / recall@k / AP@k
+:func:`multilabel_metrics`, :func:`retrieval_metrics` and the P@k / recall@k / hit rate / AP@k
 primitives) take plain arrays and know nothing of bundles, so they can be checked against
 scikit-learn and hand-computed values. :func:`run_queries` walks labelled rows through a
 loaded bundle (``load_image`` -> ``Recommender.embed_outputs`` -> ``LabelSpace.predict`` and
@@ -13,7 +13,12 @@ Retrieval definitions (``relevant`` is an (n, k) bool array: neighbour j of quer
 the query's label):
 
 - P@k: mean over queries of (relevant neighbours among the k) / k.
-- recall@k: share of queries with at least one relevant neighbour among the k.
+- recall@k: mean over queries of (relevant neighbours among the k) / R, where R is the number
+  of catalog items with the query's label (its whole class, the query's own image left out):
+  the share of the class found. k < R caps a query at k / R; R = 0 scores 0.
+- hit rate@k: share of queries with at least one relevant neighbour among the k (what an
+  earlier version reported as "recall@k"; it saturates quickly and hides how much of the class
+  the k neighbours hold).
 - mAP@k: mean over queries of AP@k = sum_j P@j * relevant_j / min(k, R), where R is the
   number of catalog items with the query's label (the most relevant items the k neighbours
   could hold); 1.0 means every position that could hold a relevant item does.
@@ -113,11 +118,48 @@ def precision_at_k(relevant: np.ndarray) -> float:
     return float(relevant.mean()) if relevant.size else float("nan")
 
 
-def recall_at_k(relevant: np.ndarray) -> float:
-    """Share of queries with at least one relevant neighbour among the k (a hit rate).
+def recall_at_k(relevant: np.ndarray, relevant_totals: np.ndarray) -> float:
+    """Mean over queries of the share of their relevant catalog items found among the k.
+
+    A query with R relevant items and h of them among its k neighbours scores h / R, so
+    k < R caps it at k / R; a query with R = 0 scores 0 (nothing could be found, as its
+    P@k and AP@k are 0 too).
 
     Args:
         relevant: (n, k) bool, as for :func:`precision_at_k`.
+        relevant_totals: (n,) int, R = catalog items with the query's label that may be
+            returned (:func:`relevant_totals`).
+
+    Returns:
+        recall@k in [0, 1]; NaN for no queries.
+
+    Raises:
+        ValueError: the totals do not match the queries, or a query has more relevant
+            neighbours than relevant items (relevance and totals were counted differently).
+    """
+    relevant = np.asarray(relevant, bool)
+    totals = np.asarray(relevant_totals, np.int64)
+    if totals.shape != (len(relevant),):
+        raise ValueError(f"{len(relevant)} queries but {len(totals)} totals")
+    if not len(relevant):
+        return float("nan")
+    hits = relevant.sum(axis=1)
+    if (hits > totals).any():
+        query = int(np.argmax(hits > totals))
+        raise ValueError(
+            f"query {query} has more relevant neighbours than relevant items ({hits[query]} > {totals[query]})"
+        )
+    return float(np.divide(hits, totals, out=np.zeros(len(relevant)), where=totals > 0).mean())
+
+
+def hit_rate_at_k(relevant: np.ndarray) -> float:
+    """Share of queries with at least one relevant neighbour among the k.
+
+    Args:
+        relevant: (n, k) bool, as for :func:`precision_at_k`.
+
+    Returns:
+        The hit rate in [0, 1]; NaN for no queries.
     """
     relevant = np.asarray(relevant, bool)
     return float(relevant.any(axis=1).mean()) if len(relevant) else float("nan")
@@ -144,20 +186,21 @@ def average_precision_at_k(relevant: np.ndarray, relevant_totals: np.ndarray) ->
 
 
 def retrieval_metrics(relevant: np.ndarray, relevant_totals: np.ndarray) -> dict:
-    """P@k, recall@k and mAP@k of a set of queries.
+    """P@k, recall@k, hit rate@k and mAP@k of a set of queries.
 
     Args:
         relevant: (n, k) bool, neighbour j of query i carries the query's label.
-        relevant_totals: (n,) int, catalog items with each query's label.
+        relevant_totals: (n,) int, catalog items with each query's label that may be returned.
 
     Returns:
-        ``{"queries", "precision_at_k", "recall_at_k", "map_at_k"}``.
+        ``{"queries", "precision_at_k", "recall_at_k", "hit_rate_at_k", "map_at_k"}``.
     """
     relevant = np.asarray(relevant, bool)
     return {
         "queries": int(len(relevant)),
         "precision_at_k": precision_at_k(relevant),
-        "recall_at_k": recall_at_k(relevant),
+        "recall_at_k": recall_at_k(relevant, relevant_totals),
+        "hit_rate_at_k": hit_rate_at_k(relevant),
         "map_at_k": float(average_precision_at_k(relevant, relevant_totals).mean()) if len(relevant) else float("nan"),
     }
 

@@ -35,7 +35,7 @@ from recommender.errors import CatalogError, InvalidImageError, RecommenderError
 log = logging.getLogger(__name__)
 
 #: Version of the ``metrics.json`` layout; bumped only when a documented key changes meaning.
-METRICS_SCHEMA_VERSION = 1
+METRICS_SCHEMA_VERSION = 2
 
 #: How many correct and how many wrong example queries the example grid shows.
 DEFAULT_EXAMPLES = 4
@@ -49,7 +49,7 @@ THUMBNAIL_SIZE = 112
 METRICS_JSON_KEYS = """\
 | key | meaning |
 |---|---|
-| `schema_version` | layout version of this file (1); bumped only when a documented key changes meaning |
+| `schema_version` | layout version of this file (2: `recall_at_k` became the usual recall, the old figure is `hit_rate_at_k`); bumped only when a documented key changes meaning |
 | `created_at` | UTC time the report was made, ISO 8601 |
 | `k` | neighbours per query used for the retrieval metrics |
 | `bundle.path` / `bundle.bundle_id` | the evaluated bundle |
@@ -70,7 +70,7 @@ METRICS_JSON_KEYS = """\
 | `heads.HEAD.roc_auc_ovr` | `{macro, weighted, classes_scored}`: one-vs-rest ROC AUC over classes with positive and negative queries; null when none |
 | `heads.HEAD.per_class` | list of `{class, support, predicted, precision, recall, f1, roc_auc}`, every class of the bundle |
 | `heads.HEAD.confusion_matrix` | `{labels, counts}`: `counts[i][j]` = queries of class `labels[i]` predicted as `labels[j]` |
-| `heads.HEAD.retrieval.SPACE` | `{queries, precision_at_k, recall_at_k, map_at_k}`, or null when not measured |
+| `heads.HEAD.retrieval.SPACE` | `{queries, precision_at_k, recall_at_k, hit_rate_at_k, map_at_k}`, or null when not measured: P@k = share of the k neighbours with the query's label; recall@k = share of the query's class (catalog items with its label, its own image left out) among the k, so at most k / class size; hit rate = share of queries with at least one such neighbour; mAP@k = mean AP@k over min(k, class size) |
 | `heads.HEAD.plots` | `{confusion_matrix, roc, precision_recall}`: PNG file names in the report folder |
 | `hierarchy.evaluated` / `.reason` | whether the label hierarchy was scored; why not (no hierarchy in the bundle, a level missing from the test catalog), else null |
 | `hierarchy.mode` / `.levels` | `hierarchical` (one softmax head per level) or `combined` (one head over full paths), null without a hierarchy; level columns, root first |
@@ -106,7 +106,7 @@ METRICS_JSON_KEYS = """\
 | `seconds` | wall time of the evaluation |
 """
 
-# Metric definitions (P@k, recall@k, mAP@k) are in recommender.evaluate's module docstring.
+# Metric definitions (P@k, recall@k, hit rate@k, mAP@k) are in recommender.evaluate's module docstring.
 
 RETRIEVAL_SPACES = ("embedding", "raw_features")
 
@@ -654,10 +654,15 @@ def plot_curves(truth: np.ndarray, probabilities: np.ndarray, classes: list[str]
 
 
 def plot_retrieval(retrieval: dict, k: int):
-    """Grouped bars: P@k, recall@k and mAP@k of the trained embedding next to raw features, per head."""
-    figure = _figure(max(5.0, 3.2 * len(retrieval)), 3.6)
+    """Grouped bars: P@k, recall@k, hit rate@k and mAP@k of the trained embedding next to raw features, per head."""
+    figure = _figure(max(5.0, 4.0 * len(retrieval)), 3.6)
     all_axes = np.atleast_1d(figure.subplots(1, len(retrieval)))
-    names = (("precision_at_k", f"P@{k}"), ("recall_at_k", f"recall@{k}"), ("map_at_k", f"mAP@{k}"))
+    names = (
+        ("precision_at_k", f"P@{k}"),
+        ("recall_at_k", f"recall@{k}"),
+        ("hit_rate_at_k", f"hit rate@{k}"),
+        ("map_at_k", f"mAP@{k}"),
+    )
     for axes, (column, spaces) in zip(all_axes, retrieval.items()):
         positions = np.arange(len(names))
         for offset, space, colour in ((-0.2, "embedding", "tab:blue"), (0.2, "raw_features", "tab:grey")):
@@ -837,8 +842,10 @@ def render_html(metrics: dict, plots: dict) -> str:
     parts.append("<h2>Neighbours: trained embedding vs raw backbone features</h2>")
     raw_note = metrics["retrieval_spaces"]["raw_features"]
     parts.append(
-        f"<p>P@{k}: share of the {k} neighbours with the query's label. recall@{k}: share of queries with at "
-        f"least one such neighbour. mAP@{k}: mean average precision over the {k} neighbours. "
+        f"<p>P@{k}: share of the {k} neighbours with the query's label. recall@{k}: share of the query's "
+        f"class (the catalog items with its label, its own image left out) found among the {k}, so at most "
+        f"{k} / class size. hit rate@{k}: share of queries with at least one neighbour of their label. "
+        f"mAP@{k}: mean average precision over the {k} neighbours. "
         + ("" if raw_note["measured"] else f"Raw features not measured: {html.escape(str(raw_note['reason']))}.")
         + "</p>"
     )
@@ -855,10 +862,11 @@ def render_html(metrics: dict, plots: dict) -> str:
                         space.replace("_", " "),
                         values["precision_at_k"],
                         values["recall_at_k"],
+                        values["hit_rate_at_k"],
                         values["map_at_k"],
                     ]
                 )
-    parts.append(_table(["head", "space", f"P@{k}", f"recall@{k}", f"mAP@{k}"], rows))
+    parts.append(_table(["head", "space", f"P@{k}", f"recall@{k}", f"hit rate@{k}", f"mAP@{k}"], rows))
     parts.append(_image(plots.get("retrieval"), "retrieval metrics"))
     parts.append("<h2>Example queries</h2>")
     parts.append(_image((plots.get("examples") or {}).get("plot"), "example queries and neighbours"))

@@ -27,6 +27,7 @@ from recommender.evaluate import (
     classification_metrics,
     drop_excluded,
     evaluate_queries,
+    hit_rate_at_k,
     neighbor_relevance,
     precision_at_k,
     recall_at_k,
@@ -52,8 +53,26 @@ def test_precision_at_k_by_hand():
     assert precision_at_k(RELEVANT) == pytest.approx((2 + 0 + 6 + 1) / 24)
 
 
-def test_recall_at_k_is_the_share_of_queries_with_a_hit():
-    assert recall_at_k(RELEVANT) == pytest.approx(3 / 4)
+def test_recall_at_k_is_the_share_of_each_querys_relevant_items_found():
+    # query 1 finds both of its 2, query 2 none of its 5, query 3 six of its 10 (k = 6 < R
+    # caps it at 0.6), query 4 its only one
+    expected = [2 / 2, 0 / 5, 6 / 10, 1 / 1]
+    assert recall_at_k(RELEVANT, TOTALS) == pytest.approx(np.mean(expected))
+    assert retrieval_metrics(RELEVANT, TOTALS)["recall_at_k"] == pytest.approx(np.mean(expected))
+
+
+def test_recall_at_k_of_a_query_without_relevant_items_is_zero_and_a_miscount_is_an_error():
+    # R = 0: nothing could be found (its one item was the query itself), a miss like its P@k
+    assert recall_at_k(np.zeros((1, 6), bool), [0]) == 0.0
+    with pytest.raises(ValueError, match="more relevant neighbours than relevant items"):
+        recall_at_k(RELEVANT, [1, 5, 10, 1])  # query 1 found 2 of a supposed 1
+    with pytest.raises(ValueError, match="4 queries but 3 totals"):
+        recall_at_k(RELEVANT, TOTALS[:3])
+
+
+def test_hit_rate_at_k_is_the_share_of_queries_with_a_relevant_neighbour():
+    assert hit_rate_at_k(RELEVANT) == pytest.approx(3 / 4)
+    assert retrieval_metrics(RELEVANT, TOTALS)["hit_rate_at_k"] == pytest.approx(3 / 4)
 
 
 def test_average_precision_at_k_by_hand():
