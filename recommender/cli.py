@@ -48,6 +48,7 @@ def _quiet_tensorflow() -> None:
 
 
 def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
+    from recommender.backbones import list_backbones
     from recommender.config import BuildConfig
 
     defaults = BuildConfig()
@@ -103,7 +104,12 @@ def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) 
         default=defaults.split_column,
         help="CSV column naming each row's split (default: %(default)s)",
     )
-    parser.add_argument("--backbone", default=defaults.backbone.name, help="resnet50 (default) or tflite:PATH")
+    parser.add_argument(
+        "--backbone",
+        default=defaults.backbone.name,
+        help="; ".join(f"{name}: {description}" for name, description in list_backbones().items())
+        + " (default: %(default)s)",
+    )
     parser.add_argument(
         "--weights",
         default=defaults.backbone.weights,
