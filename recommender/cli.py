@@ -300,9 +300,9 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="measure a bundle on a labelled test catalog and write an HTML report",
-        description="Accuracy, precision/recall/F1, ROC AUC, retrieval P@k/recall@k/mAP@k and plots, in REPORT_DIR.",
+        description="Accuracy, precision/recall/F1, ROC AUC, retrieval P@k/recall@k/hit rate/mAP@k and plots, in REPORT_DIR.",
     )
-    from recommender.report import add_evaluate_arguments
+    from indexer.evaluate import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)
 
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_serve(args)
         if args.command == "evaluate":
-            from recommender.report import run_evaluate
+            from indexer.evaluate import run_evaluate
 
             return run_evaluate(args)
         if args.command == "demo":

@@ -7,7 +7,9 @@ scikit-learn and hand-computed values. :func:`run_queries` walks labelled rows t
 loaded bundle (``load_image`` -> ``Recommender.embed_outputs`` -> ``LabelSpace.predict`` and
 the bundle's index), batched, and :func:`raw_feature_neighbors` finds the neighbours of the
 same queries by raw standardized backbone features, the baseline the trained embedding must
-beat. ``recommender.report`` turns both into ``metrics.json``, plots and an HTML page.
+beat; both leave a query's own image out of its neighbours through one function,
+:func:`search_without_self`. The ``evaluate`` job (``indexer.evaluate``) turns them into
+``metrics.json``, plots and an HTML page.
 
 Retrieval definitions (``relevant`` is an (n, k) bool array: neighbour j of query i carries
 the query's label):
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,57 +51,6 @@ from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import InvalidImageError
 from recommender.images import load_image_with_hash
 from recommender.labels import path_score
-
-
-@dataclass
-class QueryEvaluation:
-    """Figures of a bundle answering labelled queries.
-
-    Attributes:
-        queries: number of queries answered.
-        accuracy: per label column, share of queries whose predicted label is right.
-        precision_at_k: per label column, mean share of the k neighbours with the query's label.
-        k: neighbours per query.
-        bad_rows: queries whose image could not be read.
-    """
-
-    queries: int
-    accuracy: dict[str, float]
-    precision_at_k: dict[str, float]
-    k: int
-    bad_rows: list[BadRow] = field(default_factory=list)
-
-
-def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size: int = 64) -> QueryEvaluation:
-    """Queries every row's image (batched) and scores the answers against its labels.
-
-    Neighbours are taken as the index returns them (a query that is itself a catalog item
-    may find itself); :func:`run_queries` is the stricter version used by the report.
-    Hierarchy levels are judged by the most probable valid path (``LabelSpace.predict``).
-
-    Args:
-        recommender: a loaded ``engine.Recommender``.
-        rows: labelled query rows (e.g. a test split); their label columns must be the bundle's.
-        k: neighbours per query.
-        batch_size: images per forward pass.
-
-    Returns:
-        Accuracy and P@k per label column that the rows carry.
-    """
-    run = run_queries(recommender, rows, k, batch_size=batch_size, exclude_self=False)
-    columns = [c for c in recommender.label_columns if rows and c in rows[0].labels]
-    accuracy, precision = {}, {}
-    for head, (column, names) in enumerate(zip(recommender.label_columns, recommender.classes)):
-        if column not in columns or not run.rows:
-            continue
-        truth = [row.labels[column] for row in run.rows]
-        predicted = [names[i] for i in run.predicted[head]]
-        accuracy[column] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
-        precision[column] = precision_at_k(neighbor_relevance(recommender.rows, run.positions, truth, column))
-    return QueryEvaluation(
-        queries=len(run.rows), accuracy=accuracy, precision_at_k=precision, k=k, bad_rows=run.bad_rows
-    )
-
 
 # -- retrieval metrics ---------------------------------------------------------------------
 
@@ -246,7 +197,7 @@ def classification_metrics(
 
     Returns:
         ``{"queries", "accuracy", "precision", "recall", "f1", "roc_auc_ovr", "per_class",
-        "confusion_matrix"}``; see ``recommender.report`` for the key documentation.
+        "confusion_matrix"}``; see ``indexer.evaluate`` for the key documentation.
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -521,6 +472,31 @@ def drop_excluded(
     return kept_positions, kept_distances
 
 
+def search_without_self(
+    index, vectors: np.ndarray, hashes: list[str], by_hash: dict[str, list[int]], k: int, *, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest catalog items of each query, leaving out those with the query's image content.
+
+    The one place the evaluation decides what "the query itself" is: catalog items with the
+    same sha256 (``Recommender.query`` leaves out the same ones when serving).
+
+    Args:
+        index: a ``VectorIndex`` over the catalog, positions as in ``by_hash``.
+        vectors: (n, d) float32 query vectors in the index's space.
+        hashes: n image sha256s of the queries.
+        by_hash: :func:`catalog_positions_by_hash` of the catalog rows.
+        k: neighbours to keep.
+        exclude_self: False keeps them (a catalog image then finds itself first).
+
+    Returns:
+        (n, k) int64 positions nearest first, -1 padded, and (n, k) float32 distances, inf padded.
+    """
+    excluded = [set(by_hash.get(digest, ())) if exclude_self else set() for digest in hashes]
+    widest = max((len(positions) for positions in excluded), default=0)
+    found = index.search(vectors, min(k + widest, index.size))
+    return drop_excluded(found.positions, found.distances, excluded, k)
+
+
 def run_queries(
     recommender,
     rows: list[CatalogRow],
@@ -548,7 +524,6 @@ def run_queries(
     """
     size = recommender.backbone.input_size
     by_hash = catalog_positions_by_hash(recommender.rows)
-    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
     space = recommender.label_space
     kept_rows, hashes, bad = [], [], []
     probabilities: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
@@ -579,9 +554,9 @@ def run_queries(
                 batch_hashes.append(result[1])
             if images:
                 embeddings, outputs = recommender.embed_outputs(np.stack(images))
-                found = recommender.index.search(embeddings, min(k + widest, recommender.index.size))
-                excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in batch_hashes]
-                kept = drop_excluded(found.positions, found.distances, excluded, k)
+                kept = search_without_self(
+                    recommender.index, embeddings, batch_hashes, by_hash, k, exclude_self=exclude_self
+                )
                 positions.append(kept[0])
                 distances.append(kept[1])
                 by_column = space.column_probabilities(outputs)
@@ -652,10 +627,9 @@ def raw_feature_neighbors(
     scaler = recommender.runner.input_scaler
     index = VectorIndex.build(transform(scaler, catalog_features.features), "flat", use_gpu=False)
     by_hash = catalog_positions_by_hash(recommender.rows)
-    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
-    found = index.search(transform(scaler, query_features.features), min(k + widest, index.size))
-    excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in query_features.hashes]
-    positions, _ = drop_excluded(found.positions, found.distances, excluded, k)
+    positions, _ = search_without_self(
+        index, transform(scaler, query_features.features), query_features.hashes, by_hash, k, exclude_self=exclude_self
+    )
     return positions, None
 
 

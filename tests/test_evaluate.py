@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from recommender.evaluate import (
     average_precision_at_k,
     classification_metrics,
     drop_excluded,
-    evaluate_queries,
     hit_rate_at_k,
     neighbor_relevance,
     precision_at_k,
@@ -232,7 +232,7 @@ def test_catalog(tmp_path_factory, image_files) -> Path:
 
 def _documented_keys() -> list[str]:
     """The keys of the README table, sibling shorthands (``a.b`` / ``.c``) written out (``a.c``)."""
-    from recommender.report import METRICS_JSON_KEYS
+    from indexer.evaluate import METRICS_JSON_KEYS
 
     keys = []
     for line in METRICS_JSON_KEYS.splitlines()[2:]:
@@ -280,7 +280,7 @@ def check_documented_keys(metrics: dict, head: str) -> None:
 @pytest.fixture(scope="module")
 def cli_report(tiny_bundle, test_catalog, tmp_path_factory):
     """The report written through the ``evaluate`` command functions; returns (exit code, folder)."""
-    from recommender.report import add_evaluate_arguments, run_evaluate
+    from indexer.evaluate import add_evaluate_arguments, run_evaluate
 
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
@@ -326,16 +326,30 @@ def test_report_folder_has_valid_json_pngs_and_html(cli_report):
             assert (out / name).is_file()
 
 
-def test_report_figures_agree_with_evaluate_queries(cli_report, engine, test_catalog):
+def test_report_figures_agree_with_the_engines_own_answers(cli_report, engine, test_catalog):
     _, out = cli_report
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [r for r in read_catalog(test_catalog, id_column="id", label_columns=["label", "colour"]).rows]
-    known = [r for r in rows if r.labels["label"] != "grid" and r.id != "broken"]
-    reference = evaluate_queries(engine, known, k=6)
+    known = [r for r in rows if r.labels["label"] != "grid" and r.id not in ("broken", "missing")]
+    # What serving answers (Recommender.query_many), scored here by hand.
+    answers = engine.query_many([row.path for row in known], k=6)
+    class_sizes = Counter(item["labels"]["label"] for item in engine.rows)
+    right, shares, found, hits = [], [], [], []
+    for row, answer in zip(known, answers):
+        truth = row.labels["label"]
+        same = [neighbour["labels"]["label"] == truth for neighbour in answer["neighbors"]]
+        right.append(answer["predicted"]["label"]["label"] == truth)
+        shares.append(sum(same) / 6)
+        found.append(sum(same) / class_sizes[truth])  # fresh images: no query is a catalog item
+        hits.append(any(same))
     label = metrics["heads"]["label"]
     assert label["queries"] == len(known) == 24
-    assert label["accuracy"] == pytest.approx(reference.accuracy["label"])
-    assert label["retrieval"]["embedding"]["precision_at_k"] == pytest.approx(reference.precision_at_k["label"])
+    assert label["accuracy"] == pytest.approx(np.mean(right))
+    embedding = label["retrieval"]["embedding"]
+    assert embedding["precision_at_k"] == pytest.approx(np.mean(shares))
+    assert embedding["recall_at_k"] == pytest.approx(np.mean(found))
+    assert embedding["hit_rate_at_k"] == pytest.approx(np.mean(hits))
+    assert embedding["recall_at_k"] <= 6 / min(class_sizes.values())  # at most k / class size
     # The generated patterns are easy: far above the 1-in-4 chance level.
     assert label["accuracy"] >= 0.75
     assert label["retrieval"]["embedding"]["precision_at_k"] >= 0.6
@@ -359,8 +373,25 @@ def test_bad_input_is_reported_not_a_crash(cli_report):
     assert "never saw" in page and "not-there.jpg" in page
 
 
+def test_measuring_writes_nothing_and_leaves_the_plots_to_the_report(engine, test_catalog, tmp_path, monkeypatch):
+    from indexer.evaluate import measure_bundle, write_report
+
+    monkeypatch.chdir(tmp_path)
+    rows = read_catalog(test_catalog, id_column="id", label_columns=["label", "colour"]).rows[:6]
+    evaluation = measure_bundle(engine, rows, 4, raw_features=False)
+    assert list(tmp_path.iterdir()) == []
+    assert evaluation.metrics["training"]["plot"] is None and evaluation.metrics["examples"]["plot"] is None
+    assert "plots" not in evaluation.metrics["heads"]["label"]
+    assert len(evaluation.run.rows) == 6 and evaluation.run.positions.shape == (6, 4)
+    written = write_report(engine, evaluation, tmp_path / "r", examples=1)
+    assert written["examples"]["plot"] == "examples.png" and "plots" in written["heads"]["label"]
+    assert written["heads"]["label"]["retrieval"] == evaluation.metrics["heads"]["label"]["retrieval"]
+    assert "plots" not in evaluation.metrics["heads"]["label"]  # the evaluation is left as it was
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == written
+
+
 def test_report_without_raw_features_and_a_head_missing(engine, test_catalog, tmp_path):
-    from recommender.report import evaluate_bundle
+    from indexer.evaluate import evaluate_bundle
 
     catalog = read_catalog(test_catalog, id_column="id", label_columns=["colour"])
     metrics = evaluate_bundle(engine, catalog.rows[:12], tmp_path / "r", 3, raw_features=False, examples=1)
@@ -374,23 +405,28 @@ def test_report_without_raw_features_and_a_head_missing(engine, test_catalog, tm
 
 
 def test_catalog_items_as_queries_do_not_find_themselves(engine, generated_catalog, tmp_path):
+    from indexer.evaluate import evaluate_bundle
     from recommender.evaluate import run_queries
-    from recommender.report import evaluate_bundle
 
     rows = read_catalog(generated_catalog, id_column="id", label_columns=["label", "colour"]).rows[::8]
     metrics = evaluate_bundle(engine, rows, tmp_path / "r", raw_features=False, examples=0)
     assert metrics["catalog"]["self_matches"] == len(rows) == 12
     assert metrics["examples"]["plot"] == "examples.png"
     run = run_queries(engine, rows, 6)
+    class_sizes = Counter(item["labels"]["label"] for item in engine.rows)
+    found = []
     for i, row in enumerate(run.rows):
         neighbours = [engine.rows[p]["id"] for p in run.positions[i]]
         assert len(neighbours) == 6 and row.id not in neighbours
+        same = sum(engine.rows[p]["labels"]["label"] == row.labels["label"] for p in run.positions[i])
+        found.append(same / (class_sizes[row.labels["label"]] - 1))  # its own item is not findable
+    assert metrics["heads"]["label"]["retrieval"]["embedding"]["recall_at_k"] == pytest.approx(np.mean(found))
     with_self = run_queries(engine, rows, 6, exclude_self=False)
     assert [engine.rows[p]["id"] for p in with_self.positions[:, 0]] == [row.id for row in rows]
 
 
 def test_nothing_to_evaluate_is_an_error(engine, test_catalog, tmp_path):
-    from recommender.report import evaluate_bundle
+    from indexer.evaluate import evaluate_bundle
 
     rows = read_catalog(test_catalog, id_column="id").rows
     broken = [row for row in rows if row.id == "broken"]
