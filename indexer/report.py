@@ -7,7 +7,7 @@ and can be copied as a whole.
 
 from __future__ import annotations
 
-import html
+import functools
 import re
 from pathlib import Path
 
@@ -330,301 +330,61 @@ def _frame(axes, colour: str, width: float) -> None:
 
 # -- HTML ----------------------------------------------------------------------------------
 
-
-def _number(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return html.escape(str(value))
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_number(cell)}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _image(name: str | None, alt: str) -> str:
-    if not name:
-        return ""
-    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"></figure>'
-
-
-def render_html(metrics: dict, plots: dict) -> str:
-    """The report page: summary, problems, per-head tables and the plots (relative PNG links).
-
-    Args:
-        metrics: as written to ``metrics.json``.
-        plots: file names from the plotting step.
-
-    Returns:
-        A complete HTML document (no scripts, no external resources).
-    """
-    k = metrics["k"]
-    bundle, catalog = metrics["bundle"], metrics["catalog"]
-    parts = [
-        f"<h1>Evaluation of bundle {html.escape(bundle['bundle_id'])}</h1>",
-        "<p>"
-        + f"Bundle <code>{html.escape(bundle['path'])}</code>: {bundle['items']} catalog items, "
-        + f"{html.escape(str(bundle['backbone'].get('kind')))} backbone, {html.escape(bundle['index_kind'])} index"
-        + (", flip-averaged embeddings" if bundle["flip_average"] else "")
-        + f". Test catalog <code>{html.escape(str(catalog['source']))}</code>: {catalog['rows']} rows, "
-        + f"{catalog['evaluated']} evaluated, {len(catalog['bad_rows'])} left out. "
-        + f"Neighbours per query k = {k}. Made {html.escape(metrics['created_at'])} in {metrics['seconds']:.1f} s.</p>",
-    ]
-    if metrics["problems"]:
-        items = "".join(f"<li>{html.escape(p)}</li>" for p in metrics["problems"])
-        parts.append(f'<section class="problems"><h2>Problems</h2><ul>{items}</ul></section>')
-    summary = []
-    for column, entry in metrics["heads"].items():
-        if not entry.get("evaluated"):
-            summary.append([column, entry["queries"], None, None, None, None, None, None])
-            continue
-        embedding = entry["retrieval"]["embedding"]
-        raw = entry["retrieval"]["raw_features"] or {}
-        summary.append(
-            [
-                column,
-                entry["queries"],
-                entry["accuracy"],
-                entry["f1"]["macro"],
-                entry["roc_auc_ovr"]["macro"],
-                embedding["precision_at_k"],
-                raw.get("precision_at_k"),
-                embedding["map_at_k"],
-            ]
-        )
-    parts.append("<h2>Summary</h2>")
-    parts.append(
-        _table(
-            [
-                "head",
-                "queries",
-                "accuracy",
-                "F1 macro",
-                "ROC AUC macro",
-                f"P@{k} embedding",
-                f"P@{k} raw",
-                f"mAP@{k} embedding",
-            ],
-            summary,
-        )
-    )
-    parts += _hierarchy_html(metrics)
-    parts += _tags_html(metrics)
-    parts += _baseline_html(metrics)
-    parts.append("<h2>Neighbours: trained embedding vs raw backbone features</h2>")
-    raw_note = metrics["retrieval_spaces"]["raw_features"]
-    parts.append(
-        f"<p>P@{k}: share of the {k} neighbours with the query's label. recall@{k}: share of the query's "
-        f"class (the catalog items with its label, its own image left out) found among the {k}, so at most "
-        f"{k} / class size. hit rate@{k}: share of queries with at least one neighbour of their label. "
-        f"mAP@{k}: mean average precision over the {k} neighbours. "
-        + ("" if raw_note["measured"] else f"Raw features not measured: {html.escape(str(raw_note['reason']))}.")
-        + "</p>"
-    )
-    rows = []
-    for column, entry in metrics["heads"].items():
-        if not entry.get("evaluated"):
-            continue
-        for space in RETRIEVAL_SPACES:
-            values = entry["retrieval"][space]
-            if values is not None:
-                rows.append(
-                    [
-                        column,
-                        space.replace("_", " "),
-                        values["precision_at_k"],
-                        values["recall_at_k"],
-                        values["hit_rate_at_k"],
-                        values["map_at_k"],
-                    ]
-                )
-    parts.append(_table(["head", "space", f"P@{k}", f"recall@{k}", f"hit rate@{k}", f"mAP@{k}"], rows))
-    parts.append(_image(plots.get("retrieval"), "retrieval metrics"))
-    parts.append("<h2>Example queries</h2>")
-    parts.append(_image((plots.get("examples") or {}).get("plot"), "example queries and neighbours"))
-    parts.append("<h2>Training curves</h2>")
-    parts.append(_image(plots.get("training"), "training curves") or "<p>No training history in the bundle.</p>")
-    for column, entry in metrics["heads"].items():
-        parts.append(f"<h2>Head <code>{html.escape(column)}</code></h2>")
-        if not entry.get("evaluated"):
-            parts.append("<p>Not evaluated (see Problems).</p>")
-            continue
-        averages = [
-            [name, entry[name]["macro"], entry[name]["micro"], entry[name]["weighted"]]
-            for name in ("precision", "recall", "f1")
-        ]
-        averages.append(
-            ["ROC AUC (one-vs-rest)", entry["roc_auc_ovr"]["macro"], None, entry["roc_auc_ovr"]["weighted"]]
-        )
-        parts.append(f"<p>Accuracy {_number(entry['accuracy'])} on {entry['queries']} queries.</p>")
-        parts.append(_table(["", "macro", "micro", "weighted"], averages))
-        per_class = [
-            [c["class"], c["support"], c["predicted"], c["precision"], c["recall"], c["f1"], c["roc_auc"]]
-            for c in entry["per_class"]
-        ]
-        parts.append(_table(["class", "support", "predicted", "precision", "recall", "F1", "ROC AUC"], per_class))
-        head_plots = plots["heads"].get(column, {})
-        parts.append('<div class="plots">')
-        parts.append(_image(head_plots.get("confusion_matrix"), f"{column} confusion matrix"))
-        parts.append(_image(head_plots.get("roc"), f"{column} ROC curves"))
-        parts.append(_image(head_plots.get("precision_recall"), f"{column} precision-recall curves"))
-        parts.append("</div>")
-    if catalog["bad_rows"]:
-        parts.append("<h2>Rows left out</h2>")
-        parts.append(
-            _table(
-                ["line", "id", "image", "reason"],
-                [[b["line"], b["id"], b["image"], b["reason"]] for b in catalog["bad_rows"]],
-            )
-        )
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-        "table{border-collapse:collapse;margin:0.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;"
-        "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
-        ".problems{background:#fff4e5;border-left:4px solid #f0a020;padding:0.2em 1em}"
-        ".plots figure{display:inline-block;margin:0.5em;vertical-align:top;max-width:48%}figure{margin:0.5em 0}"
-    )
-    title = f"Evaluation of bundle {html.escape(bundle['bundle_id'])}"
-    return (
-        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-        f"<style>{style}</style>\n</head>\n<body>\n" + "\n".join(p for p in parts if p) + "\n</body>\n</html>\n"
-    )
-
-
+#: What the page says about each hierarchy mode.
 HIERARCHY_MODE_TEXT = {
     "hierarchical": "hierarchical: one softmax head per level, combined over the valid paths",
     "combined": "combined: one softmax head over the full paths",
 }
 
 
-def _hierarchy_html(metrics: dict) -> list[str]:
-    """The Hierarchy section (nothing for a bundle without a hierarchy)."""
-    section = metrics.get("hierarchy") or {}
-    if not section.get("mode"):
-        return []
-    levels = " &gt; ".join(f"<code>{html.escape(level)}</code>" for level in section["levels"])
-    parts = [f"<h2>Hierarchy {levels}</h2>"]
-    mode = HIERARCHY_MODE_TEXT.get(section["mode"], section["mode"])
-    parts.append(f"<p>Mode: {html.escape(mode)}. Predictions follow the most probable valid path.</p>")
-    if not section.get("evaluated"):
-        parts.append(f"<p>Not evaluated: {html.escape(str(section['reason']))}.</p>")
-        return parts
-    validation = section.get("validation") or {}
-    validation_heads = metrics["training"]["validation"]
-    parts.append(
-        f"<p>{section['queries']} queries; one point per right level of the predicted path "
-        f"(at most {section['path_score_max']} per query).</p>"
-    )
-    parts.append(
-        _table(
-            ["level", "accuracy", "validation accuracy (build)"],
-            [
-                [level, accuracy, (validation_heads.get(level) or {}).get("validation_accuracy")]
-                for level, accuracy in section["level_accuracy"].items()
-            ],
-        )
-    )
-    parts.append(
-        _table(
-            ["", "test", "validation (build)"],
-            [
-                ["path score (mean per query)", section["path_score"], validation.get("path_score")],
-                ["path score maximum", section["path_score_max"], validation.get("path_score_max")],
-                [
-                    f"path score total (of {section['queries'] * section['path_score_max']})",
-                    section["path_score_total"],
-                    None,
-                ],
-                ["every level right", section["path_accuracy"], validation.get("path_accuracy")],
-            ],
-        )
-    )
-    return parts
+def _number(value, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` decimals, None as a dash (the template escapes the text)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
 
 
-def _baseline_html(metrics: dict) -> list[str]:
-    """The build-time baseline section: each head beside a logistic-regression probe."""
+@functools.cache
+def _templates():
+    """The Jinja environment of ``indexer/templates`` (autoescaped; an unknown name is an error)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    environment = Environment(
+        loader=PackageLoader("indexer", "templates"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["number"] = _number
+    return environment
+
+
+def render_html(metrics: dict, plots: dict) -> str:
+    """The report page (``templates/report.html``): summary, problems, per-head tables and the plots.
+
+    Args:
+        metrics: as written to ``metrics.json``.
+        plots: file names from :func:`write_plots`, linked by relative path.
+
+    Returns:
+        A complete HTML document (no scripts, no external resources).
+    """
     from recommender.baseline import BuildBaseline
 
-    section = metrics["training"].get("baseline")
-    parts = ["<h2>Build-time check: trained heads against a probe on raw features</h2>"]
-    if not section:
-        parts.append("<p>The bundle records no build-time baseline check.</p>")
-        return parts
-    retrieval = section["retrieval"]
-    shortfalls = BuildBaseline.from_json(section).shortfalls()
-    if shortfalls:
-        items = "".join(f"<li>{html.escape(line)}</li>" for line in shortfalls)
-        parts.append(f'<div class="problems"><ul>{items}</ul></div>')
-    parts.append(
-        "<p>Recorded when the bundle was built, on its validation split, with the model trained on the "
-        "training split only (before the refit on all rows). The probe is a plain logistic regression on "
-        "the standardized raw backbone features of the same training rows; a head below it did not gain "
-        "from training. Validation rows whose class the training rows lack are left out of both.</p>"
-    )
-    parts.append(
-        _table(
-            ["head", "validation rows", "accuracy", "probe accuracy", "macro-F1", "probe macro-F1"],
-            [
-                [
-                    column,
-                    head["validation_rows"],
-                    head["validation_accuracy"],
-                    head["probe_validation_accuracy"],
-                    head["validation_macro_f1"],
-                    head["probe_validation_macro_f1"],
-                ]
-                for column, head in section["heads"].items()
-            ],
+    baseline = metrics["training"].get("baseline")
+    return (
+        _templates()
+        .get_template("report.html")
+        .render(
+            metrics=metrics,
+            plots=plots,
+            k=metrics["k"],
+            spaces=RETRIEVAL_SPACES,
+            hierarchy_modes=HIERARCHY_MODE_TEXT,
+            baseline_shortfalls=BuildBaseline.from_json(baseline).shortfalls() if baseline else [],
         )
     )
-    k = retrieval["k"]
-    parts.append(
-        _table(
-            ["primary column", "queries", f"P@{k} embedding", f"P@{k} raw features"],
-            [
-                [
-                    retrieval["column"],
-                    retrieval["queries"],
-                    retrieval["embedding_p_at_k"],
-                    retrieval["raw_features_p_at_k"],
-                ]
-            ],
-        )
-    )
-    return parts
-
-
-def _tags_html(metrics: dict) -> list[str]:
-    """The Tags section (nothing for a bundle without tags)."""
-    section = metrics.get("tags") or {}
-    if not section.get("column"):
-        return []
-    parts = [f"<h2>Tags <code>{html.escape(section['column'])}</code></h2>"]
-    if not section.get("evaluated"):
-        parts.append(f"<p>Not evaluated: {html.escape(str(section['reason']))}.</p>")
-        return parts
-    parts.append(
-        f"<p>{section['queries']} queries. A tag is predicted at or above its threshold "
-        f"({html.escape(section['threshold_mode'])} thresholds tuned on the validation split for micro-F1). "
-        "Micro pools every (query, tag) decision; macro averages the tags true or predicted at least once.</p>"
-    )
-    rows = []
-    for key, name in (("at_thresholds", "bundle thresholds"), ("at_half", "0.5")):
-        for average in ("micro", "macro"):
-            values = section[key][average]
-            rows.append([f"{average} at {name}", values["precision"], values["recall"], values["f1"]])
-    parts.append(_table(["", "precision", "recall", "F1"], rows))
-    parts.append(
-        _table(
-            ["tag", "support", "predicted", "precision", "recall", "F1", "threshold"],
-            [
-                [t["tag"], t["support"], t["predicted"], t["precision"], t["recall"], t["f1"], t["threshold"]]
-                for t in section["per_tag"]
-            ],
-        )
-    )
-    return parts

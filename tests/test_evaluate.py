@@ -425,6 +425,18 @@ def test_catalog_items_as_queries_do_not_find_themselves(engine, generated_catal
     assert [engine.rows[p]["id"] for p in with_self.positions[:, 0]] == [row.id for row in rows]
 
 
+def test_the_report_template_ships_with_the_package():
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    templates = [path.relative_to(root / "indexer").as_posix() for path in (root / "indexer" / "templates").rglob("*")]
+    assert "templates/report.html" in templates
+    for name in templates:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in package_data["indexer"]), f"{name} would not ship"
+
+
 def test_nothing_to_evaluate_is_an_error(engine, test_catalog, tmp_path):
     from indexer.evaluate import evaluate_bundle
 
