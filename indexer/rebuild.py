@@ -308,8 +308,9 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
     """Loads and checks a new bundle before it may be published.
 
     Checks: it verifies and loads; a sample of its catalog photos, queried end to end, each
-    find themselves first; a retrained model's primary validation accuracy is not more than
-    ``max_accuracy_drop`` below the current bundle's.
+    find themselves first; a retrained model's validation accuracy on the primary class
+    (:attr:`LabelSpace.primary_column`: the hierarchy's leaf, else the first label column) is
+    not more than ``max_accuracy_drop`` below the current bundle's on the same column.
 
     Returns:
         The gate's findings (JSON-ready).
@@ -336,10 +337,10 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
         raise GateError(
             f"{len(missed)} of {count} sampled catalog photos do not find themselves first: {', '.join(missed[:10])}"
         )
-    findings = {"self_check": f"{count}/{count}"}
-    primary = recommender.label_columns[0]
+    # The class training watches (the taxonomy's leaf with a hierarchy), from its one definition.
+    primary = recommender.label_space.primary_column
     new_accuracy = recommender.manifest["metrics"]["heads"][primary]["validation_accuracy"]
-    findings["validation_accuracy"] = new_accuracy
+    findings = {"self_check": f"{count}/{count}", "primary_column": primary, "validation_accuracy": new_accuracy}
     if retrained and current_manifest is not None:
         old_heads = current_manifest.get("metrics", {}).get("heads", {})
         if primary in old_heads:
@@ -347,7 +348,8 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
             findings["current_validation_accuracy"] = old_accuracy
             if new_accuracy < old_accuracy - config.max_accuracy_drop:
                 raise GateError(
-                    f"validation accuracy fell from {old_accuracy:.3f} to {new_accuracy:.3f} "
+                    f"validation accuracy of the primary column {primary!r} fell from {old_accuracy:.3f} to "
+                    f"{new_accuracy:.3f} "
                     f"(more than the allowed {config.max_accuracy_drop:.3f})"
                 )
     return findings

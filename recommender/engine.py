@@ -37,7 +37,8 @@ class Recommender:
         rows: catalog rows (dicts with id, image, path, sha256, labels, extra and, with a
             tags column, tags), FAISS order.
         label_space: heads, taxonomy and tags of the classifier.
-        label_columns: single-valued label columns; the first is the primary class.
+        label_columns: single-valued label columns (the primary class is
+            ``label_space.primary_column``: the hierarchy's leaf, else the first column).
         classes: per label column, class names by index.
         attributes: which catalog items hold which label value or tag (for filters).
     """
