@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rebuild":
             return _run_rebuild(args)
         if args.command == "rollback":
-            from indexer.rebuild import rollback
+            from indexer.artifacts import rollback
 
             result = rollback(args.root, args.to)
             print(f"current is now {result['current']} (was {result['previous']})", file=sys.stderr)
@@ -517,7 +517,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from indexer.rebuild import status
+    from indexer.artifacts import status
 
     report = status(args.root)
     if args.json:

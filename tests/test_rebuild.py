@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest import ATTRIBUTE_HIERARCHY, attribute_build_config, tiny_build_config
 
-from indexer.rebuild import ArtifactRoot, RebuildConfig, job_lock, rebuild, rollback, status
+from indexer.artifacts import ArtifactRoot, job_lock, rollback, status
+from indexer.rebuild import RebuildConfig, rebuild
 from recommender.errors import CatalogError, GateError, JobLockedError, PublishError
 from recommender.synthetic import CATALOG_COLUMNS
 
@@ -183,7 +184,7 @@ def test_lock_contention_and_release_after_kill(photos, build_config, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from indexer.rebuild import ArtifactRoot, job_lock\nwith job_lock(ArtifactRoot(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+            "import sys, time; from indexer.artifacts import ArtifactRoot, job_lock\nwith job_lock(ArtifactRoot(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
             str(root),
         ],
         cwd=ROOT,
