@@ -6,7 +6,7 @@
 answers the test rows with the bundle (``recommender.evaluate.run_queries``; a query's own
 image is left out of its neighbours), finds the raw-feature baseline's neighbours the same
 way, and scores both with the library's metric functions into the ``metrics.json`` layout
-documented in :data:`METRICS_JSON_KEYS`. :func:`write_report` adds the plots and the HTML page
+documented in :data:`METRICS_KEYS`. :func:`write_report` adds the plots and the HTML page
 (``indexer.report``) and writes the folder; :func:`evaluate_bundle` does both, and
 :func:`add_evaluate_arguments` / :func:`run_evaluate` are the ``evaluate`` subcommand. A bundle
 with a label hierarchy also gets per-level accuracy and the path score of its predicted paths;
@@ -44,68 +44,200 @@ METRICS_SCHEMA_VERSION = 2
 #: How many correct and how many wrong example queries the example grid shows.
 DEFAULT_EXAMPLES = 4
 
-#: The documented keys of ``metrics.json`` (a Markdown table, pasted into the README; a test
-#: checks that every key listed here is in a generated file). ``HEAD`` is a label column,
-#: ``SPACE`` is ``embedding`` or ``raw_features``.
-METRICS_JSON_KEYS = """\
-| key | meaning |
-|---|---|
-| `schema_version` | layout version of this file (2: `recall_at_k` became the usual recall, the old figure is `hit_rate_at_k`); bumped only when a documented key changes meaning |
-| `created_at` | UTC time the report was made, ISO 8601 |
-| `k` | neighbours per query used for the retrieval metrics |
-| `bundle.path` / `bundle.bundle_id` | the evaluated bundle |
-| `bundle.items` | catalog items in its index |
-| `bundle.backbone` | backbone identity (kind, weights, input size, key) |
-| `bundle.flip_average` | whether embeddings average the image and its mirror |
-| `bundle.index_kind` | `flat` (exact) or `hnsw` (approximate) |
-| `catalog.source` | the test catalog as given |
-| `catalog.rows` | test rows read (good and bad) |
-| `catalog.evaluated` | rows whose image was read and answered |
-| `catalog.self_matches` | evaluated rows whose image is itself in the bundle's catalog (left out of their own neighbours) |
-| `catalog.bad_rows` | rows left out: list of `{line, id, image, reason}` |
-| `heads.HEAD.evaluated` | false when the test catalog lacks the column or has no row with a known label |
-| `heads.HEAD.queries` | rows scored for this head (evaluated rows whose label the bundle knows) |
-| `heads.HEAD.unknown_labels` | labels the bundle never saw -> row count (left out of this head's figures) |
-| `heads.HEAD.accuracy` | share of queries whose predicted label is right (a hierarchy level: the level of the predicted valid path) |
-| `heads.HEAD.precision` / `.recall` / `.f1` | `{macro, micro, weighted}` over the classes present in truth or predictions (0 for a class never predicted) |
-| `heads.HEAD.roc_auc_ovr` | `{macro, weighted, classes_scored}`: one-vs-rest ROC AUC over classes with positive and negative queries; null when none |
-| `heads.HEAD.per_class` | list of `{class, support, predicted, precision, recall, f1, roc_auc}`, every class of the bundle |
-| `heads.HEAD.confusion_matrix` | `{labels, counts}`: `counts[i][j]` = queries of class `labels[i]` predicted as `labels[j]` |
-| `heads.HEAD.retrieval.SPACE` | `{queries, precision_at_k, recall_at_k, hit_rate_at_k, map_at_k}`, or null when not measured: P@k = share of the k neighbours with the query's label; recall@k = share of the query's class (catalog items with its label, its own image left out) among the k, so at most k / class size; hit rate = share of queries with at least one such neighbour; mAP@k = mean AP@k over min(k, class size) |
-| `heads.HEAD.plots` | `{confusion_matrix, roc, precision_recall}`: PNG file names in the report folder |
-| `hierarchy.evaluated` / `.reason` | whether the label hierarchy was scored; why not (no hierarchy in the bundle, a level missing from the test catalog), else null |
-| `hierarchy.mode` / `.levels` | `hierarchical` (one softmax head per level) or `combined` (one head over full paths), null without a hierarchy; level columns, root first |
-| `hierarchy.queries` | rows scored: evaluated rows whose every level value the bundle knows |
-| `hierarchy.unknown_paths` | true paths with a value the bundle never saw (`a > b > c`) -> row count (left out) |
-| `hierarchy.outside_taxonomy` | scored rows whose true path is not one of the bundle's valid paths (each level still judged) |
-| `hierarchy.level_accuracy` | level -> share of rows whose predicted path has the right value there |
-| `hierarchy.path_score` / `.path_score_max` / `.path_score_total` | one point per right level of the predicted path: mean per row, its maximum (the number of levels), sum over the rows |
-| `hierarchy.path_accuracy` | share of rows with every level right |
-| `hierarchy.validation` | the hierarchy figures recorded in the bundle's manifest at build time |
-| `tags.evaluated` / `.reason` | whether tags were scored; why not (no tags head in the bundle, no tags column in the test catalog), else null |
-| `tags.column` / `.separator` / `.threshold_mode` | the bundle's tags column, its separator, `global` or `per_tag` thresholds |
-| `tags.queries` | rows scored (every evaluated row; an empty cell means no tags) |
-| `tags.unknown_tags` | tags the bundle never saw -> row count (left out of the figures) |
-| `tags.at_thresholds` / `.at_half` | at the bundle's tuned thresholds / at 0.5: `{micro, macro, tags_averaged}`, each average `{precision, recall, f1}`; micro pools every (row, tag) decision (micro-F1 is the iMaterialist metric), macro averages over the `tags_averaged` tags true or predicted at least once |
-| `tags.per_tag` | list of `{tag, support, predicted, precision, recall, f1, threshold}` at the bundle's thresholds, every tag of the bundle |
-| `tags.validation` | the tag figures recorded in the bundle's manifest at build time (thresholds, validation micro-F1) |
-| `retrieval_spaces.embedding` | how the trained embedding's neighbours were found (the bundle's index) |
-| `retrieval_spaces.raw_features` | `{measured, reason}`: raw standardized backbone features, searched exactly |
-| `training.epochs` | epochs trained (from the bundle's `history.json`) |
-| `training.validation` | the validation metrics recorded in the bundle's manifest at build time |
-| `training.baseline` | the build's baseline check from the manifest (the selection model on its validation split, before the refit on all rows); null when the bundle was built without it |
-| `training.baseline.heads.HEAD.validation_accuracy` / `.validation_macro_f1` | the head on the validation rows whose class occurs in the training rows |
-| `training.baseline.heads.HEAD.probe_validation_accuracy` / `.probe_validation_macro_f1` | a plain logistic regression on the head's column, fit on the training rows' standardized raw backbone features, on the same rows |
-| `training.baseline.heads.HEAD.validation_rows` / `.left_out_rows` / `.probe_converged` | validation rows compared; rows left out (their class is absent from the training rows); whether the probe converged within its iteration cap |
-| `training.baseline.retrieval.k` / `.column` / `.queries` / `.left_out_queries` | neighbours per query; the primary column; validation rows queried against the training rows as the catalog; rows left out (class absent from training) |
-| `training.baseline.retrieval.embedding_p_at_k` / `.raw_features_p_at_k` | P@k in the selection model's standardized (flip-averaged) embedding / in the standardized raw backbone features |
-| `training.baseline.seconds` | what the check cost the build |
-| `training.plot` | training-curve PNG, or null when the bundle has no history |
-| `examples.plot` | example-query grid PNG, or null when there were no queries |
-| `examples.correct` / `examples.wrong` | ids of the queries shown, by the primary head's prediction |
-| `problems` | human-readable list of everything that was left out or could not be measured |
-| `seconds` | wall time of the evaluation (queries, metrics, plots) |
-"""
+
+@dataclass(frozen=True)
+class MetricsKey:
+    """One documented row of ``metrics.json``: keys that share a meaning.
+
+    Attributes:
+        names: full dotted keys, e.g. ``("bundle.path", "bundle.bundle_id")``; ``HEAD`` stands
+            for a label column and ``SPACE`` for ``embedding`` or ``raw_features``.
+        meaning: what they hold (Markdown, one line).
+    """
+
+    names: tuple[str, ...]
+    meaning: str
+
+    def cell(self) -> str:
+        """The key cell of the README table; a sibling of the first key is written ``.name``."""
+        parent = self.names[0].rpartition(".")[0]
+        written = [f"`{self.names[0]}`"]
+        for name in self.names[1:]:
+            head, _, last = name.rpartition(".")
+            written.append(f"`.{last}`" if head and head == parent else f"`{name}`")
+        return " / ".join(written)
+
+
+#: The documented keys of ``metrics.json``, the one list: the README's table is
+#: :func:`metrics_keys_table` (a test compares them) and a test checks that every key listed
+#: here is in a generated file.
+METRICS_KEYS: tuple[MetricsKey, ...] = (
+    MetricsKey(
+        ("schema_version",),
+        "layout version of this file; bumped only when a documented key changes meaning "
+        "(2: `recall_at_k` became the usual recall, the old figure is `hit_rate_at_k`)",
+    ),
+    MetricsKey(("created_at",), "UTC time the report was made, ISO 8601"),
+    MetricsKey(("k",), "neighbours per query used for the retrieval metrics"),
+    MetricsKey(("bundle.path", "bundle.bundle_id"), "the evaluated bundle"),
+    MetricsKey(("bundle.items",), "catalog items in its index"),
+    MetricsKey(("bundle.backbone",), "backbone identity (kind, weights, input size, key)"),
+    MetricsKey(("bundle.flip_average",), "whether embeddings average the image and its mirror"),
+    MetricsKey(("bundle.index_kind",), "`flat` (exact) or `hnsw` (approximate)"),
+    MetricsKey(("catalog.source",), "the test catalog as given"),
+    MetricsKey(("catalog.rows",), "test rows read (good and bad)"),
+    MetricsKey(("catalog.evaluated",), "rows whose image was read and answered"),
+    MetricsKey(
+        ("catalog.self_matches",),
+        "evaluated rows whose image is itself in the bundle's catalog (left out of their own neighbours)",
+    ),
+    MetricsKey(("catalog.bad_rows",), "rows left out: list of `{line, id, image, reason}`"),
+    MetricsKey(
+        ("heads.HEAD.evaluated",), "false when the test catalog lacks the column or has no row with a known label"
+    ),
+    MetricsKey(("heads.HEAD.queries",), "rows scored for this head (evaluated rows whose label the bundle knows)"),
+    MetricsKey(
+        ("heads.HEAD.unknown_labels",), "labels the bundle never saw -> row count (left out of this head's figures)"
+    ),
+    MetricsKey(
+        ("heads.HEAD.accuracy",),
+        "share of queries whose predicted label is right (a hierarchy level: the level of the predicted valid path)",
+    ),
+    MetricsKey(
+        ("heads.HEAD.precision", "heads.HEAD.recall", "heads.HEAD.f1"),
+        "`{macro, micro, weighted}` over the classes present in truth or predictions (0 for a class never predicted)",
+    ),
+    MetricsKey(
+        ("heads.HEAD.roc_auc_ovr",),
+        "`{macro, weighted, classes_scored}`: one-vs-rest ROC AUC over classes with positive and negative queries; null when none",
+    ),
+    MetricsKey(
+        ("heads.HEAD.per_class",),
+        "list of `{class, support, predicted, precision, recall, f1, roc_auc}`, every class of the bundle",
+    ),
+    MetricsKey(
+        ("heads.HEAD.confusion_matrix",),
+        "`{labels, counts}`: `counts[i][j]` = queries of class `labels[i]` predicted as `labels[j]`",
+    ),
+    MetricsKey(
+        ("heads.HEAD.retrieval.SPACE",),
+        "`{queries, precision_at_k, recall_at_k, hit_rate_at_k, map_at_k}`, or null when not measured: P@k = share of the k neighbours with the query's label; recall@k = share of the query's class (catalog items with its label, its own image left out) among the k, so at most k / class size; hit rate = share of queries with at least one such neighbour; mAP@k = mean AP@k over min(k, class size)",
+    ),
+    MetricsKey(
+        ("heads.HEAD.plots",), "`{confusion_matrix, roc, precision_recall}`: PNG file names in the report folder"
+    ),
+    MetricsKey(
+        ("hierarchy.evaluated", "hierarchy.reason"),
+        "whether the label hierarchy was scored; why not (no hierarchy in the bundle, a level missing from the test catalog), else null",
+    ),
+    MetricsKey(
+        ("hierarchy.mode", "hierarchy.levels"),
+        "`hierarchical` (one softmax head per level) or `combined` (one head over full paths), null without a hierarchy; level columns, root first",
+    ),
+    MetricsKey(("hierarchy.queries",), "rows scored: evaluated rows whose every level value the bundle knows"),
+    MetricsKey(
+        ("hierarchy.unknown_paths",),
+        "true paths with a value the bundle never saw (`a > b > c`) -> row count (left out)",
+    ),
+    MetricsKey(
+        ("hierarchy.outside_taxonomy",),
+        "scored rows whose true path is not one of the bundle's valid paths (each level still judged)",
+    ),
+    MetricsKey(("hierarchy.level_accuracy",), "level -> share of rows whose predicted path has the right value there"),
+    MetricsKey(
+        ("hierarchy.path_score", "hierarchy.path_score_max", "hierarchy.path_score_total"),
+        "one point per right level of the predicted path: mean per row, its maximum (the number of levels), sum over the rows",
+    ),
+    MetricsKey(("hierarchy.path_accuracy",), "share of rows with every level right"),
+    MetricsKey(("hierarchy.validation",), "the hierarchy figures recorded in the bundle's manifest at build time"),
+    MetricsKey(
+        ("tags.evaluated", "tags.reason"),
+        "whether tags were scored; why not (no tags head in the bundle, no tags column in the test catalog), else null",
+    ),
+    MetricsKey(
+        ("tags.column", "tags.separator", "tags.threshold_mode"),
+        "the bundle's tags column, its separator, `global` or `per_tag` thresholds",
+    ),
+    MetricsKey(("tags.queries",), "rows scored (every evaluated row; an empty cell means no tags)"),
+    MetricsKey(("tags.unknown_tags",), "tags the bundle never saw -> row count (left out of the figures)"),
+    MetricsKey(
+        ("tags.at_thresholds", "tags.at_half"),
+        "at the bundle's tuned thresholds / at 0.5: `{micro, macro, tags_averaged}`, each average `{precision, recall, f1}`; micro pools every (row, tag) decision (micro-F1 is the iMaterialist metric), macro averages over the `tags_averaged` tags true or predicted at least once",
+    ),
+    MetricsKey(
+        ("tags.per_tag",),
+        "list of `{tag, support, predicted, precision, recall, f1, threshold}` at the bundle's thresholds, every tag of the bundle",
+    ),
+    MetricsKey(
+        ("tags.validation",),
+        "the tag figures recorded in the bundle's manifest at build time (thresholds, validation micro-F1)",
+    ),
+    MetricsKey(
+        ("retrieval_spaces.embedding",), "how the trained embedding's neighbours were found (the bundle's index)"
+    ),
+    MetricsKey(
+        ("retrieval_spaces.raw_features",), "`{measured, reason}`: raw standardized backbone features, searched exactly"
+    ),
+    MetricsKey(("training.epochs",), "epochs trained (from the bundle's `history.json`)"),
+    MetricsKey(("training.validation",), "the validation metrics recorded in the bundle's manifest at build time"),
+    MetricsKey(
+        ("training.baseline",),
+        "the build's baseline check from the manifest (the selection model on its validation split, before the refit on all rows); null when the bundle was built without it",
+    ),
+    MetricsKey(
+        ("training.baseline.heads.HEAD.validation_accuracy", "training.baseline.heads.HEAD.validation_macro_f1"),
+        "the head on the validation rows whose class occurs in the training rows",
+    ),
+    MetricsKey(
+        (
+            "training.baseline.heads.HEAD.probe_validation_accuracy",
+            "training.baseline.heads.HEAD.probe_validation_macro_f1",
+        ),
+        "a plain logistic regression on the head's column, fit on the training rows' standardized raw backbone features, on the same rows",
+    ),
+    MetricsKey(
+        (
+            "training.baseline.heads.HEAD.validation_rows",
+            "training.baseline.heads.HEAD.left_out_rows",
+            "training.baseline.heads.HEAD.probe_converged",
+        ),
+        "validation rows compared; rows left out (their class is absent from the training rows); whether the probe converged within its iteration cap",
+    ),
+    MetricsKey(
+        (
+            "training.baseline.retrieval.k",
+            "training.baseline.retrieval.column",
+            "training.baseline.retrieval.queries",
+            "training.baseline.retrieval.left_out_queries",
+        ),
+        "neighbours per query; the primary column; validation rows queried against the training rows as the catalog; rows left out (class absent from training)",
+    ),
+    MetricsKey(
+        ("training.baseline.retrieval.embedding_p_at_k", "training.baseline.retrieval.raw_features_p_at_k"),
+        "P@k in the selection model's standardized (flip-averaged) embedding / in the standardized raw backbone features",
+    ),
+    MetricsKey(("training.baseline.seconds",), "what the check cost the build"),
+    MetricsKey(("training.plot",), "training-curve PNG, or null when the bundle has no history"),
+    MetricsKey(("examples.plot",), "example-query grid PNG, or null when there were no queries"),
+    MetricsKey(("examples.correct", "examples.wrong"), "ids of the queries shown, by the primary head's prediction"),
+    MetricsKey(
+        ("examples.head",), "the head whose predictions chose them (the first evaluated one), null without queries"
+    ),
+    MetricsKey(("problems",), "human-readable list of everything that was left out or could not be measured"),
+    MetricsKey(("seconds",), "wall time of the evaluation (queries, metrics, plots)"),
+)
+
+
+def metrics_keys_table() -> str:
+    """:data:`METRICS_KEYS` as the Markdown table of the README ("Evaluate a bundle")."""
+    rows = [f"| {key.cell()} | {key.meaning} |" for key in METRICS_KEYS]
+    return "\n".join(["| key | meaning |", "|---|---|", *rows]) + "\n"
+
+
+def documented_keys() -> list[str]:
+    """Every documented key of ``metrics.json``, in table order."""
+    return [name for key in METRICS_KEYS for name in key.names]
+
 
 # Metric definitions (P@k, recall@k, hit rate@k, mAP@k) are in recommender.evaluate's module docstring.
 
@@ -355,7 +487,7 @@ def evaluate_bundle(
 ) -> dict:
     """Evaluates a loaded bundle on labelled test rows and writes the report folder.
 
-    Writes ``out_dir/metrics.json`` (keys documented in :data:`METRICS_JSON_KEYS`),
+    Writes ``out_dir/metrics.json`` (keys documented in :data:`METRICS_KEYS`),
     ``out_dir/report.html`` and the PNG plots it shows.
 
     Args:
@@ -420,7 +552,7 @@ def hierarchy_section(recommender, run, columns: list[str], problems: list[str])
         problems: appended to when the hierarchy cannot be (fully) scored.
 
     Returns:
-        See :data:`METRICS_JSON_KEYS`.
+        See :data:`METRICS_KEYS`.
     """
     from recommender.evaluate import hierarchy_metrics
 
@@ -485,7 +617,7 @@ def tags_section(recommender, run, tags_column: str | None, problems: list[str])
         problems: appended to when tags cannot be (fully) scored.
 
     Returns:
-        See :data:`METRICS_JSON_KEYS`.
+        See :data:`METRICS_KEYS`.
     """
     from recommender.evaluate import multi_hot, tag_metrics
 

@@ -230,20 +230,16 @@ def test_catalog(tmp_path_factory, image_files) -> Path:
     return catalog
 
 
-def _documented_keys() -> list[str]:
-    """The keys of the README table, sibling shorthands (``a.b`` / ``.c``) written out (``a.c``)."""
-    from indexer.evaluate import METRICS_JSON_KEYS
+def test_the_readme_metrics_table_is_the_documented_key_list():
+    from indexer.evaluate import metrics_keys_table
 
-    keys = []
-    for line in METRICS_JSON_KEYS.splitlines()[2:]:
-        cell = line.split("|")[1]
-        previous = None
-        for key in re.findall(r"`([^`]+)`", cell):
-            if key.startswith(".") and previous:
-                key = previous.rsplit(".", 1)[0] + key
-            keys.append(key)
-            previous = key
-    return keys
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Evaluate a bundle") :]
+    start = section.index("| key | meaning |\n")
+    table = section[start : section.index("\n\n", start) + 1]
+    # On a difference, paste the output of
+    # python -c "from indexer.evaluate import metrics_keys_table; print(metrics_keys_table(), end='')"
+    assert table == metrics_keys_table()
 
 
 def _lookup(metrics: dict, key: str, head: str):
@@ -265,7 +261,9 @@ def check_documented_keys(metrics: dict, head: str) -> None:
     Under a section that was not evaluated (a bundle without hierarchy or tags) only its
     ``evaluated`` and ``reason`` keys are required.
     """
-    for key in _documented_keys():
+    from indexer.evaluate import documented_keys
+
+    for key in documented_keys():
         section = key.split(".")[0]
         if section in OPTIONAL_SECTIONS and not metrics[section]["evaluated"]:
             if key.split(".")[-1] not in ("evaluated", "reason"):
