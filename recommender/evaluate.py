@@ -636,7 +636,7 @@ def raw_feature_neighbors(
 def relevant_totals(
     catalog_rows: list[dict], truth: list[str], hashes: list[str], column: str, *, exclude_self: bool = True
 ) -> np.ndarray:
-    """R of mAP@k per query: catalog items with the query's label that may be returned.
+    """R of recall@k and mAP@k per query: catalog items with the query's label that may be returned.
 
     Args:
         catalog_rows: the bundle's rows (``Recommender.rows``).
