@@ -1,42 +1,28 @@
-"""Nightly rebuild: incremental features, retrain policy, validation gate, atomic publish, rollback.
+"""Nightly rebuild policy: what changed, whether to retrain, the validation gate, the run.
 
-Artifact root layout::
-
-    ROOT/
-      bundles/<bundle id>/     immutable bundles (ids sort by creation time)
-      bundles/.<id>.tmp-*      a bundle being written (never published; removed by the next run)
-      rejected/<bundle id>/    bundles that failed the validation gate, kept for inspection
-      current -> bundles/<id>  the pointer the web app follows, swapped with os.replace
-      features.h5              the feature store shared across runs (+ features.h5.segments/)
-      rebuild.lock             held (flock) by the running job; the kernel frees it if it dies
-      runs/<run id>.json       one JSON log per run: phase, counts, timings, outcome
-
-Whatever happens to the job (an error, SIGKILL at any moment), ``current`` points to a
-complete, verified bundle: a new bundle is written into a temp folder, renamed, loaded and
-checked, and only then does a new symlink replace ``current`` in one ``os.replace``.
+:func:`rebuild` brings an artifact root's published bundle up to date with a catalog:
+features come from the root's feature store (only new photos go through the backbone),
+:func:`diff_catalog` counts what changed, :func:`decide_retrain` chooses between a new
+classifier and the current one, and the new bundle is published only once it is written,
+loaded and passed :func:`validation_gate`, so ``current`` always points to a bundle that
+loads and answers. The artifact root itself (layout, atomic publish, the job lock, run
+logs, rollback, status) is :mod:`indexer.artifacts`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
 import json
 import logging
 import os
-import shutil
-import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, read_manifest, verify_bundle
-from recommender.checkpoints import checkpoint
+from indexer.artifacts import ArtifactRoot, RunLog, job_lock
+from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, verify_bundle
 from recommender.config import BuildConfig
-from recommender.errors import BundleError, GateError, JobLockedError, PublishError, RecommenderError
+from recommender.errors import GateError, RecommenderError
 from recommender.labels import LabelSpace
 
 log = logging.getLogger(__name__)
@@ -93,169 +79,6 @@ class Changes:
         return bool(self.added or self.changed or self.removed or self.relabelled)
 
 
-class ArtifactRoot:
-    """Paths and pointer operations of an artifact root (see the module docstring)."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.bundles = self.root / "bundles"
-        self.rejected = self.root / "rejected"
-        self.current = self.root / "current"
-        self.feature_store = self.root / "features.h5"
-        self.lock_path = self.root / "rebuild.lock"
-        self.runs = self.root / "runs"
-
-    def current_bundle(self) -> Path | None:
-        """The bundle ``current`` points to, or None before the first publish.
-
-        Raises:
-            PublishError: ``current`` exists but is not a symlink into ``bundles/``.
-        """
-        if not os.path.lexists(self.current):
-            return None
-        if not self.current.is_symlink():
-            raise PublishError(f"{self.current} is not a symlink; the rebuild job manages it as one")
-        target = (self.current.parent / os.readlink(self.current)).resolve()
-        if target.parent != self.bundles.resolve():
-            raise PublishError(f"{self.current} points outside {self.bundles}: {target}")
-        return target
-
-    def bundle_ids(self) -> list[str]:
-        """Ids of the complete bundles, oldest first."""
-        if not self.bundles.is_dir():
-            return []
-        return sorted(p.name for p in self.bundles.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-    def publish(self, bundle_id: str) -> None:
-        """Points ``current`` at ``bundles/<bundle_id>`` atomically (new symlink + os.replace)."""
-        target = self.bundles / bundle_id
-        if not (target / "manifest.json").is_file():
-            raise PublishError(f"no complete bundle {bundle_id} in {self.bundles}")
-        temp = self.root / f".current.{uuid.uuid4().hex[:8]}.tmp"
-        os.symlink(Path("bundles") / bundle_id, temp)
-        checkpoint("publish")  # the new link exists but is not yet current
-        os.replace(temp, self.current)
-        _fsync_directory(self.root)
-
-    def prune(self, keep: int) -> list[str]:
-        """Removes the oldest bundles beyond ``keep`` (never the current one); returns their ids."""
-        current = self.current_bundle()
-        current_id = current.name if current else None
-        ids = self.bundle_ids()
-        removable = [i for i in ids if i != current_id]
-        excess = len(ids) - max(keep, 1)
-        removed = []
-        for bundle_id in removable[: max(excess, 0)]:
-            shutil.rmtree(self.bundles / bundle_id, ignore_errors=True)
-            removed.append(bundle_id)
-        return removed
-
-    def remove_leftovers(self) -> list[str]:
-        """Removes what a killed run left: half-written bundles and temp symlinks."""
-        found = []
-        for path in (
-            list(self.bundles.glob(".*.tmp-*")) + list(self.bundles.glob(".*.old-*")) if self.bundles.is_dir() else []
-        ):
-            shutil.rmtree(path, ignore_errors=True)
-            found.append(path.name)
-        for path in self.root.glob(".current.*.tmp"):
-            path.unlink(missing_ok=True)
-            found.append(path.name)
-        return found
-
-
-def _fsync_directory(path: Path) -> None:
-    """Makes a rename in ``path`` durable (best effort where directories cannot be opened)."""
-    try:
-        handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
-@contextmanager
-def job_lock(root: ArtifactRoot) -> Iterator[None]:
-    """Holds the root's lock for one job; a second job gets :class:`JobLockedError`.
-
-    ``flock`` locks belong to the open file: when the holder dies, even by SIGKILL, the kernel
-    releases it, so a crashed run never leaves the lock stuck.
-    """
-    root.root.mkdir(parents=True, exist_ok=True)
-    handle = open(root.lock_path, "a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise JobLockedError(f"another rebuild is running on {root.root} ({holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
-
-
-def lock_holder(root: ArtifactRoot) -> str | None:
-    """Who holds the lock now (None when free)."""
-    if not root.lock_path.exists():
-        return None
-    with open(root.lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            return handle.read().strip() or "unknown"
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
-
-
-class RunLog:
-    """The JSON log of one run, rewritten atomically at every phase."""
-
-    def __init__(self, root: ArtifactRoot):
-        self.run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-        self.path = root.runs / f"{self.run_id}.json"
-        self.started = time.perf_counter()
-        self.phase_started = self.started
-        self.data: dict = {
-            "run_id": self.run_id,
-            "state": "running",
-            "phase": "start",
-            "pid": os.getpid(),
-            "seconds": {},
-        }
-        root.runs.mkdir(parents=True, exist_ok=True)
-        self.write()
-
-    def phase(self, name: str) -> None:
-        """Records the end of the previous phase and the start of ``name``."""
-        now = time.perf_counter()
-        self.data["seconds"][self.data["phase"]] = round(now - self.phase_started, 3)
-        self.phase_started = now
-        self.data["phase"] = name
-        self.write()
-
-    def finish(self, state: str, **fields) -> dict:
-        """Ends the run with ``state`` (published, unchanged, refused, failed)."""
-        self.phase("end")
-        self.data.update(fields, state=state, total_seconds=round(time.perf_counter() - self.started, 3))
-        self.write()
-        return self.data
-
-    def write(self) -> None:
-        temp = self.path.with_name(f".{self.path.name}.tmp")
-        temp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(temp, self.path)
-
-
 def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
     """Compares the current bundle's rows with the new catalog's, by id, photo hash and labels."""
     before = {row["id"]: row for row in current_rows}
@@ -308,8 +131,9 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
     """Loads and checks a new bundle before it may be published.
 
     Checks: it verifies and loads; a sample of its catalog photos, queried end to end, each
-    find themselves first; a retrained model's primary validation accuracy is not more than
-    ``max_accuracy_drop`` below the current bundle's.
+    find themselves first; a retrained model's validation accuracy on the primary class
+    (:attr:`LabelSpace.primary_column`: the hierarchy's leaf, else the first label column) is
+    not more than ``max_accuracy_drop`` below the current bundle's on the same column.
 
     Returns:
         The gate's findings (JSON-ready).
@@ -336,10 +160,10 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
         raise GateError(
             f"{len(missed)} of {count} sampled catalog photos do not find themselves first: {', '.join(missed[:10])}"
         )
-    findings = {"self_check": f"{count}/{count}"}
-    primary = recommender.label_columns[0]
+    # The class training watches (the taxonomy's leaf with a hierarchy), from its one definition.
+    primary = recommender.label_space.primary_column
     new_accuracy = recommender.manifest["metrics"]["heads"][primary]["validation_accuracy"]
-    findings["validation_accuracy"] = new_accuracy
+    findings = {"self_check": f"{count}/{count}", "primary_column": primary, "validation_accuracy": new_accuracy}
     if retrained and current_manifest is not None:
         old_heads = current_manifest.get("metrics", {}).get("heads", {})
         if primary in old_heads:
@@ -347,7 +171,8 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
             findings["current_validation_accuracy"] = old_accuracy
             if new_accuracy < old_accuracy - config.max_accuracy_drop:
                 raise GateError(
-                    f"validation accuracy fell from {old_accuracy:.3f} to {new_accuracy:.3f} "
+                    f"validation accuracy of the primary column {primary!r} fell from {old_accuracy:.3f} to "
+                    f"{new_accuracy:.3f} "
                     f"(more than the allowed {config.max_accuracy_drop:.3f})"
                 )
     return findings
@@ -462,8 +287,7 @@ def rebuild(
             try:
                 findings = validation_gate(artifacts.bundles / bundle_id, current_manifest, config, retrained=retrain)
             except GateError as error:
-                artifacts.rejected.mkdir(parents=True, exist_ok=True)
-                os.replace(artifacts.bundles / bundle_id, artifacts.rejected / bundle_id)
+                artifacts.reject(bundle_id)
                 run.finish("refused", reason=str(error), rejected=bundle_id)
                 raise
 
@@ -506,71 +330,6 @@ def _same_build(manifest: dict, build_config: BuildConfig, prepared) -> bool:
         and catalog.get("hierarchy") == (list(prepared.taxonomy.levels) if prepared.taxonomy else None)
         and catalog.get("tags_column") == prepared.catalog.tags_column
     )
-
-
-def rollback(root: str | os.PathLike, to: str | None = None) -> dict:
-    """Points ``current`` back at an earlier bundle (default: the newest one older than current).
-
-    Raises:
-        JobLockedError: a rebuild is running.
-        PublishError: no such bundle, or nothing older to roll back to.
-        BundleError: the target bundle does not verify.
-    """
-    artifacts = ArtifactRoot(root)
-    with job_lock(artifacts):
-        current = artifacts.current_bundle()
-        ids = artifacts.bundle_ids()
-        if to is None:
-            older = [i for i in ids if current is None or i < current.name]
-            if not older:
-                raise PublishError(
-                    f"no bundle older than {current.name if current else 'none'} to roll back to; bundles: {', '.join(ids) or 'none'}"
-                )
-            to = older[-1]
-        if to not in ids:
-            raise PublishError(f"no bundle {to!r} in {artifacts.bundles}; bundles: {', '.join(ids) or 'none'}")
-        verify_bundle(artifacts.bundles / to)
-        artifacts.publish(to)
-        return {"current": to, "previous": current.name if current else None}
-
-
-def status(root: str | os.PathLike, runs: int = 5) -> dict:
-    """What is published, what is on disk, the lock, and the last runs (JSON-ready)."""
-    artifacts = ArtifactRoot(root)
-    if not artifacts.root.is_dir():
-        raise PublishError(f"artifact root not found: {artifacts.root}")
-    current = artifacts.current_bundle()
-    bundles = []
-    for bundle_id in artifacts.bundle_ids():
-        try:
-            manifest = read_manifest(artifacts.bundles / bundle_id)
-            bundles.append(
-                {
-                    "id": bundle_id,
-                    "items": manifest["counts"]["items"],
-                    "created_at": manifest.get("created_at"),
-                    "current": current is not None and current.name == bundle_id,
-                }
-            )
-        except BundleError as error:
-            bundles.append({"id": bundle_id, "error": str(error), "current": False})
-    logs = []
-    for path in sorted(artifacts.runs.glob("*.json"))[-runs:] if artifacts.runs.is_dir() else []:
-        try:
-            logs.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
-    holder = lock_holder(artifacts)
-    for entry in logs:
-        if entry.get("state") == "running" and holder is None:
-            entry["state"] = "interrupted"  # its process is gone: the lock is free
-    return {
-        "root": str(artifacts.root),
-        "current": current.name if current else None,
-        "bundles": bundles,
-        "lock": holder,
-        "runs": logs,
-    }
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -1,16 +1,20 @@
 """Backbone registry: image batches (n, s, s, 3) uint8 -> features (n, d) float32.
 
-Two kinds are registered:
+In the spirit of timm (``register_model`` / ``list_models`` / ``create_model``): every backbone
+is registered under a name with a one-line description, :func:`list_backbones` lists them and
+:func:`load_backbone` creates one from a :class:`BackboneSpec`. Two kinds are registered:
 
-- ``resnet50`` (default): ``keras.applications.ResNet50(include_top=False, pooling="avg")``,
-  2048 features, ``resnet50.preprocess_input`` applied inside the compiled call. Weights are
-  ``imagenet`` (Keras download/cache), a local weights file, or ``none`` (random init, only
-  when asked; the random weights are saved in the bundle so queries see the same network).
-- ``tflite:PATH``: any TFLite image feature extractor, e.g. the quantized MobileNet in
-  ``../shared/models`` (uint8 in, uint8 out: the output is dequantized).
+- Keras applications, one row each of :data:`KERAS_APPLICATIONS`: ``resnet50`` (the default)
+  and ``mobilenet_v2``. Each row carries its constructor, feature width, default input size,
+  ``preprocess_input`` (applied inside the compiled call) and where its ImageNet no-top weights
+  come from. Weights are ``imagenet`` (Keras download/cache), a local weights file, or ``none``
+  (random init, only when asked; the random weights are saved in the bundle so queries see the
+  same network).
+- ``tflite:PATH``, file-backed: any TFLite image feature extractor, e.g. the quantized
+  MobileNet in ``../shared/models`` (uint8 in, uint8 out: the output is dequantized).
 
 TensorFlow is imported only inside this module's functions so that catalog, image, index and
-bundle code load fast.
+bundle code load fast; the table therefore names Keras constructors rather than holding them.
 """
 
 from __future__ import annotations
@@ -21,15 +25,14 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from recommender.errors import BackboneError, WeightsUnavailableError
-
-RESNET50_WEIGHTS_FILE = "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-RESNET50_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + RESNET50_WEIGHTS_FILE
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -46,8 +49,9 @@ class BackboneSpec:
     """What a bundle records to re-create its backbone.
 
     Attributes:
-        name: ``resnet50`` or ``tflite:PATH`` (as given by the user).
-        weights: ``imagenet``, ``none`` or a weights file path (resnet50 only).
+        name: a registered name (``resnet50``, ``mobilenet_v2``) or ``tflite:PATH``, as given
+            by the user; see :func:`list_backbones`.
+        weights: ``imagenet``, ``none`` or a weights file path (Keras applications only).
         input_size: side of the square image the backbone takes.
         seed: seed of the random init when ``weights == "none"``.
     """
@@ -102,53 +106,143 @@ def _identity_key(identity: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class KerasResNet50(Backbone):
-    """ResNet50 from keras.applications, batched through one ``tf.function``."""
+@dataclass(frozen=True)
+class KerasApplication:
+    """One ``keras.applications`` network as a backbone: its row of :data:`KERAS_APPLICATIONS`.
 
-    def __init__(self, spec: BackboneSpec, random_weights_path: str | os.PathLike | None = None):
+    Attributes:
+        name: registry name, as given to ``--backbone``. It is recorded in bundles as the spec
+            name and as the identity's ``kind`` (which keys the feature store), so renaming a
+            row orphans the bundles and cached features built with it.
+        constructor: attribute of ``keras.applications`` that builds the network
+            (``"ResNet50"``); called with ``include_top=False, pooling="avg"``.
+        preprocessing: submodule of ``keras.applications`` whose ``preprocess_input`` the
+            ImageNet weights were trained with (``"resnet50"``: caffe-style BGR mean
+            subtraction; ``"mobilenet_v2"``: scale to [-1, 1]).
+        feature_dim: width of the pooled features; checked against the built network.
+        input_size: side the ImageNet weights were trained at, pixels (the default size).
+        weights_file: file name of the no-top ImageNet weights in the Keras cache
+            (``~/.keras/models/``); ``{size}`` stands for the weights' input size where Keras
+            publishes one file per size.
+        weights_base_url: the folder Keras downloads ``weights_file`` from.
+        weights_hash: digest Keras checks the download against (``keras.utils.get_file`` takes
+            md5 or sha256; Keras publishes md5 for these files), or None where Keras checks none.
+        weights_sizes: input sizes with their own weights file (``{size}`` files only); any
+            other size gets the ``input_size`` file, as Keras does.
+    """
+
+    name: str
+    constructor: str
+    preprocessing: str
+    feature_dim: int
+    input_size: int
+    weights_file: str
+    weights_base_url: str
+    weights_hash: str | None = None
+    weights_sizes: tuple[int, ...] = ()
+
+    @property
+    def description(self) -> str:
+        """One line for ``--backbone`` help and :func:`list_backbones`."""
+        return (
+            f"keras.applications.{self.constructor}, {self.feature_dim} features, "
+            f"ImageNet weights at {self.input_size} px"
+        )
+
+    def weights_file_for(self, input_size: int) -> str:
+        """Name of the no-top ImageNet weights file Keras uses at this input size."""
+        size = input_size if input_size in self.weights_sizes else self.input_size
+        return self.weights_file.format(size=size)
+
+
+# Adding a Keras application is one row here; the loop at the end of the module registers it.
+# The first row is the default backbone (``BackboneSpec.name``).
+KERAS_APPLICATIONS: tuple[KerasApplication, ...] = (
+    KerasApplication(
+        name="resnet50",
+        constructor="ResNet50",
+        preprocessing="resnet50",
+        feature_dim=2048,
+        input_size=224,
+        weights_file="resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        weights_base_url="https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
+        weights_hash="4d473c1dd8becc155b73f8504c6f6626",  # md5, from keras.applications.resnet
+    ),
+    KerasApplication(
+        name="mobilenet_v2",
+        constructor="MobileNetV2",
+        preprocessing="mobilenet_v2",
+        feature_dim=1280,
+        input_size=224,
+        weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
+        weights_base_url="https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/",
+        weights_sizes=(96, 128, 160, 192, 224),
+    ),
+)
+
+
+class KerasApplicationBackbone(Backbone):
+    """A ``keras.applications`` network (one :class:`KerasApplication` row), batched through one ``tf.function``."""
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        random_weights_path: str | os.PathLike | None = None,
+        *,
+        application: KerasApplication,
+    ):
         """Builds the network.
 
         Args:
             spec: the backbone spec; ``spec.weights`` is ``imagenet``, ``none`` or a file path.
             random_weights_path: for ``weights="none"`` when loading a bundle: the saved
                 random weights, so the bundle's network is the one it was built with.
+            application: the table row of the network to build.
 
         Raises:
             WeightsUnavailableError: ImageNet weights could not be downloaded or read.
+            BackboneError: the network's feature width is not the table's.
         """
         import keras
         import tensorflow as tf
 
         self.spec = spec
         self.input_size = spec.input_size
-        self.feature_dim = 2048
+        self.feature_dim = application.feature_dim
         shape = (spec.input_size, spec.input_size, 3)
-        identity = {"kind": "resnet50", "input_size": spec.input_size, "feature_dim": 2048}
+        constructor = getattr(keras.applications, application.constructor)
+
+        def build(weights):
+            return constructor(include_top=False, pooling="avg", weights=weights, input_shape=shape)
+
+        # Key order as it always was: manifests list it this way (the key itself is order-free).
+        identity = {"kind": application.name, "input_size": spec.input_size, "feature_dim": application.feature_dim}
+        weights_file = application.weights_file_for(spec.input_size)
         if spec.weights == "imagenet":
             try:
                 # Keras reports the download on stdout, which the CLI keeps for JSON answers.
                 with contextlib.redirect_stdout(sys.stderr):
-                    model = keras.applications.ResNet50(
-                        include_top=False, pooling="avg", weights="imagenet", input_shape=shape
-                    )
+                    model = build("imagenet")
             except Exception as error:  # network errors come in many types (URLError, OSError, ...)
+                checksum = f" (md5 {application.weights_hash})" if application.weights_hash else ""
                 raise WeightsUnavailableError(
-                    f"could not get the ImageNet weights for ResNet50 ({type(error).__name__}: {error}); "
-                    f"on a machine with internet download {RESNET50_WEIGHTS_URL} and pass "
+                    f"could not get the ImageNet weights for {application.constructor} "
+                    f"({type(error).__name__}: {error}); on a machine with internet download "
+                    f"{application.weights_base_url}{weights_file}{checksum} and pass "
                     f"--weights PATH (or put it in ~/.keras/models/), or use --weights none for "
                     f"random init (poor quality) or --backbone tflite:PATH"
                 ) from None
             cached = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else "~/.keras") / "models"
-            cached = cached.expanduser() / RESNET50_WEIGHTS_FILE
+            cached = cached.expanduser() / weights_file
             identity["weights"] = "imagenet"
             identity["weights_sha256"] = file_sha256(cached) if cached.exists() else None
         elif spec.weights == "none":
             if random_weights_path is not None:
-                model = keras.applications.ResNet50(include_top=False, pooling="avg", weights=None, input_shape=shape)
+                model = build(None)
                 model.load_weights(random_weights_path)
             else:
                 keras.utils.set_random_seed(spec.seed)
-                model = keras.applications.ResNet50(include_top=False, pooling="avg", weights=None, input_shape=shape)
+                model = build(None)
             identity["weights"] = "none (random init)"
             identity["seed"] = spec.seed
             identity["weights_sha256"] = _weights_digest(model)
@@ -157,20 +251,24 @@ class KerasResNet50(Backbone):
             if not path.is_file():
                 raise WeightsUnavailableError(f"weights file not found: {path}")
             try:
-                model = keras.applications.ResNet50(
-                    include_top=False, pooling="avg", weights=str(path), input_shape=shape
-                )
+                model = build(str(path))
             except Exception as error:
                 raise WeightsUnavailableError(
-                    f"cannot load ResNet50 weights from {path} ({type(error).__name__}: {error}); "
-                    f"expected the no-top file {RESNET50_WEIGHTS_FILE}"
+                    f"cannot load {application.constructor} weights from {path} "
+                    f"({type(error).__name__}: {error}); expected the no-top file {weights_file}"
                 ) from None
             identity["weights"] = "file"
             identity["weights_sha256"] = file_sha256(path)
+        if model.output_shape[-1] != application.feature_dim:
+            # A wrong table row would otherwise surface later as a feature-store shape error.
+            raise BackboneError(
+                f"{application.name}: the network gives {model.output_shape[-1]} features, "
+                f"the table says {application.feature_dim}"
+            )
         identity["key"] = _identity_key(identity)
         self.identity = identity
         self.model = model
-        preprocess = keras.applications.resnet50.preprocess_input
+        preprocess = getattr(keras.applications, application.preprocessing).preprocess_input
 
         @tf.function(input_signature=[tf.TensorSpec([None, *shape], tf.uint8)], reduce_retracing=True)
         def forward(batch):
@@ -269,19 +367,84 @@ def _tflite_interpreter_class():
         return tf.lite.Interpreter
 
 
+BackboneFactory = Callable[..., Backbone]
+"""Creates a backbone: ``factory(spec, random_weights_path=None) -> Backbone``."""
+
+
+@dataclass(frozen=True)
+class _Registration:
+    name: str
+    description: str
+    factory: BackboneFactory
+    file_backed: bool
+
+    @property
+    def usage(self) -> str:
+        """How ``--backbone`` names it: ``resnet50``, or ``tflite:PATH`` for a file-backed kind."""
+        return f"{self.name}:PATH" if self.file_backed else self.name
+
+
+_REGISTRY: dict[str, _Registration] = {}
+
+
+def register_backbone(name: str, description: str, factory: BackboneFactory, *, file_backed: bool = False) -> None:
+    """Registers a backbone under a name.
+
+    Args:
+        name: registry name; a file-backed kind is asked for as ``NAME:PATH``.
+        description: one line, shown by :func:`list_backbones` and ``--backbone`` help.
+        factory: ``factory(spec, random_weights_path=None) -> Backbone``.
+        file_backed: the backbone is a model file named in the spec (``tflite:PATH``).
+
+    Raises:
+        ValueError: the name is taken or contains ``:``.
+    """
+    if ":" in name or name in _REGISTRY:
+        raise ValueError(f"cannot register backbone {name!r}: the name contains ':' or is taken")
+    _REGISTRY[name] = _Registration(name, description, factory, file_backed)
+
+
+def list_backbones() -> dict[str, str]:
+    """The registered backbones, in registration order (the default first).
+
+    Returns:
+        ``{name as given to --backbone: one-line description}``, e.g.
+        ``{"resnet50": "keras.applications.ResNet50, ...", ..., "tflite:PATH": "..."}``.
+    """
+    return {registration.usage: registration.description for registration in _REGISTRY.values()}
+
+
 def load_backbone(spec: BackboneSpec, *, random_weights_path: str | os.PathLike | None = None) -> Backbone:
     """Creates the backbone a spec names.
 
     Args:
-        spec: ``resnet50`` or ``tflite:PATH`` plus weights and input size.
+        spec: a registered name (see :func:`list_backbones`) plus weights and input size.
         random_weights_path: saved random-init weights (bundles built with ``--weights none``).
 
     Raises:
         BackboneError: unknown name or unreadable model file.
         WeightsUnavailableError: pretrained weights cannot be had.
     """
-    if spec.name == "resnet50":
-        return KerasResNet50(spec, random_weights_path=random_weights_path)
-    if spec.name.startswith("tflite:"):
-        return TFLiteBackbone(spec)
-    raise BackboneError(f"unknown backbone {spec.name!r}: use 'resnet50' or 'tflite:PATH'")
+    kind, colon, _ = spec.name.partition(":")
+    registration = _REGISTRY.get(kind)
+    if registration is None or registration.file_backed != bool(colon):
+        names = ", ".join(list_backbones())
+        raise BackboneError(f"unknown backbone {spec.name!r}: registered backbones are {names}")
+    return registration.factory(spec, random_weights_path=random_weights_path)
+
+
+def _load_tflite(spec: BackboneSpec, random_weights_path: str | os.PathLike | None = None) -> Backbone:
+    return TFLiteBackbone(spec)  # the model file is the whole network: no separate weights
+
+
+for _application in KERAS_APPLICATIONS:
+    register_backbone(
+        _application.name, _application.description, partial(KerasApplicationBackbone, application=_application)
+    )
+del _application
+register_backbone(
+    "tflite",
+    "a TFLite image feature extractor file (uint8 or float input; quantized outputs dequantized)",
+    _load_tflite,
+    file_backed=True,
+)

@@ -48,6 +48,7 @@ def _quiet_tensorflow() -> None:
 
 
 def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) -> None:
+    from recommender.backbones import list_backbones
     from recommender.config import BuildConfig
 
     defaults = BuildConfig()
@@ -103,7 +104,12 @@ def _add_build_flags(parser: argparse.ArgumentParser, with_output: bool = True) 
         default=defaults.split_column,
         help="CSV column naming each row's split (default: %(default)s)",
     )
-    parser.add_argument("--backbone", default=defaults.backbone.name, help="resnet50 (default) or tflite:PATH")
+    parser.add_argument(
+        "--backbone",
+        default=defaults.backbone.name,
+        help="; ".join(f"{name}: {description}" for name, description in list_backbones().items())
+        + " (default: %(default)s)",
+    )
     parser.add_argument(
         "--weights",
         default=defaults.backbone.weights,
@@ -294,9 +300,9 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="measure a bundle on a labelled test catalog and write an HTML report",
-        description="Accuracy, precision/recall/F1, ROC AUC, retrieval P@k/recall@k/mAP@k and plots, in REPORT_DIR.",
+        description="Accuracy, precision/recall/F1, ROC AUC, retrieval P@k/recall@k/hit rate/mAP@k and plots, in REPORT_DIR.",
     )
-    from recommender.report import add_evaluate_arguments
+    from indexer.evaluate import add_evaluate_arguments
 
     add_evaluate_arguments(evaluate)
 
@@ -339,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rebuild":
             return _run_rebuild(args)
         if args.command == "rollback":
-            from indexer.rebuild import rollback
+            from indexer.artifacts import rollback
 
             result = rollback(args.root, args.to)
             print(f"current is now {result['current']} (was {result['previous']})", file=sys.stderr)
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_serve(args)
         if args.command == "evaluate":
-            from recommender.report import run_evaluate
+            from indexer.evaluate import run_evaluate
 
             return run_evaluate(args)
         if args.command == "demo":
@@ -511,7 +517,7 @@ def _run_rebuild(args: argparse.Namespace) -> int:
 
 
 def _run_status(args: argparse.Namespace) -> int:
-    from indexer.rebuild import status
+    from indexer.artifacts import status
 
     report = status(args.root)
     if args.json:

@@ -1,19 +1,26 @@
 """Measuring a bundle on labelled query images: classification, hierarchy, tag and retrieval metrics.
 
 Two layers. The metric functions (:func:`classification_metrics`, :func:`hierarchy_metrics`,
-:func:`multilabel_metrics`, :func:`retrieval_metrics` and the P@k / recall@k / AP@k
+:func:`multilabel_metrics`, :func:`retrieval_metrics` and the P@k / recall@k / hit rate / AP@k
 primitives) take plain arrays and know nothing of bundles, so they can be checked against
 scikit-learn and hand-computed values. :func:`run_queries` walks labelled rows through a
 loaded bundle (``load_image`` -> ``Recommender.embed_outputs`` -> ``LabelSpace.predict`` and
 the bundle's index), batched, and :func:`raw_feature_neighbors` finds the neighbours of the
 same queries by raw standardized backbone features, the baseline the trained embedding must
-beat. ``recommender.report`` turns both into ``metrics.json``, plots and an HTML page.
+beat; both leave a query's own image out of its neighbours through one function,
+:func:`search_without_self`. The ``evaluate`` job (``indexer.evaluate``) turns them into
+``metrics.json``, plots and an HTML page.
 
 Retrieval definitions (``relevant`` is an (n, k) bool array: neighbour j of query i carries
 the query's label):
 
 - P@k: mean over queries of (relevant neighbours among the k) / k.
-- recall@k: share of queries with at least one relevant neighbour among the k.
+- recall@k: mean over queries of (relevant neighbours among the k) / R, where R is the number
+  of catalog items with the query's label (its whole class, the query's own image left out):
+  the share of the class found. k < R caps a query at k / R; R = 0 scores 0.
+- hit rate@k: share of queries with at least one relevant neighbour among the k (what an
+  earlier version reported as "recall@k"; it saturates quickly and hides how much of the class
+  the k neighbours hold).
 - mAP@k: mean over queries of AP@k = sum_j P@j * relevant_j / min(k, R), where R is the
   number of catalog items with the query's label (the most relevant items the k neighbours
   could hold); 1.0 means every position that could hold a relevant item does.
@@ -34,8 +41,9 @@ Hierarchy and tag definitions:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,57 +52,7 @@ from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import InvalidImageError
 from recommender.images import load_image_with_hash
 from recommender.labels import path_score
-
-
-@dataclass
-class QueryEvaluation:
-    """Figures of a bundle answering labelled queries.
-
-    Attributes:
-        queries: number of queries answered.
-        accuracy: per label column, share of queries whose predicted label is right.
-        precision_at_k: per label column, mean share of the k neighbours with the query's label.
-        k: neighbours per query.
-        bad_rows: queries whose image could not be read.
-    """
-
-    queries: int
-    accuracy: dict[str, float]
-    precision_at_k: dict[str, float]
-    k: int
-    bad_rows: list[BadRow] = field(default_factory=list)
-
-
-def evaluate_queries(recommender, rows: list[CatalogRow], k: int = 6, batch_size: int = 64) -> QueryEvaluation:
-    """Queries every row's image (batched) and scores the answers against its labels.
-
-    Neighbours are taken as the index returns them (a query that is itself a catalog item
-    may find itself); :func:`run_queries` is the stricter version used by the report.
-    Hierarchy levels are judged by the most probable valid path (``LabelSpace.predict``).
-
-    Args:
-        recommender: a loaded ``engine.Recommender``.
-        rows: labelled query rows (e.g. a test split); their label columns must be the bundle's.
-        k: neighbours per query.
-        batch_size: images per forward pass.
-
-    Returns:
-        Accuracy and P@k per label column that the rows carry.
-    """
-    run = run_queries(recommender, rows, k, batch_size=batch_size, exclude_self=False)
-    columns = [c for c in recommender.label_columns if rows and c in rows[0].labels]
-    accuracy, precision = {}, {}
-    for head, (column, names) in enumerate(zip(recommender.label_columns, recommender.classes)):
-        if column not in columns or not run.rows:
-            continue
-        truth = [row.labels[column] for row in run.rows]
-        predicted = [names[i] for i in run.predicted[head]]
-        accuracy[column] = float(np.mean([p == t for p, t in zip(predicted, truth)]))
-        precision[column] = precision_at_k(neighbor_relevance(recommender.rows, run.positions, truth, column))
-    return QueryEvaluation(
-        queries=len(run.rows), accuracy=accuracy, precision_at_k=precision, k=k, bad_rows=run.bad_rows
-    )
-
+from recommender.manifest import CatalogRecord
 
 # -- retrieval metrics ---------------------------------------------------------------------
 
@@ -113,11 +71,48 @@ def precision_at_k(relevant: np.ndarray) -> float:
     return float(relevant.mean()) if relevant.size else float("nan")
 
 
-def recall_at_k(relevant: np.ndarray) -> float:
-    """Share of queries with at least one relevant neighbour among the k (a hit rate).
+def recall_at_k(relevant: np.ndarray, relevant_totals: np.ndarray) -> float:
+    """Mean over queries of the share of their relevant catalog items found among the k.
+
+    A query with R relevant items and h of them among its k neighbours scores h / R, so
+    k < R caps it at k / R; a query with R = 0 scores 0 (nothing could be found, as its
+    P@k and AP@k are 0 too).
 
     Args:
         relevant: (n, k) bool, as for :func:`precision_at_k`.
+        relevant_totals: (n,) int, R = catalog items with the query's label that may be
+            returned (:func:`relevant_totals`).
+
+    Returns:
+        recall@k in [0, 1]; NaN for no queries.
+
+    Raises:
+        ValueError: the totals do not match the queries, or a query has more relevant
+            neighbours than relevant items (relevance and totals were counted differently).
+    """
+    relevant = np.asarray(relevant, bool)
+    totals = np.asarray(relevant_totals, np.int64)
+    if totals.shape != (len(relevant),):
+        raise ValueError(f"{len(relevant)} queries but {len(totals)} totals")
+    if not len(relevant):
+        return float("nan")
+    hits = relevant.sum(axis=1)
+    if (hits > totals).any():
+        query = int(np.argmax(hits > totals))
+        raise ValueError(
+            f"query {query} has more relevant neighbours than relevant items ({hits[query]} > {totals[query]})"
+        )
+    return float(np.divide(hits, totals, out=np.zeros(len(relevant)), where=totals > 0).mean())
+
+
+def hit_rate_at_k(relevant: np.ndarray) -> float:
+    """Share of queries with at least one relevant neighbour among the k.
+
+    Args:
+        relevant: (n, k) bool, as for :func:`precision_at_k`.
+
+    Returns:
+        The hit rate in [0, 1]; NaN for no queries.
     """
     relevant = np.asarray(relevant, bool)
     return float(relevant.any(axis=1).mean()) if len(relevant) else float("nan")
@@ -144,25 +139,26 @@ def average_precision_at_k(relevant: np.ndarray, relevant_totals: np.ndarray) ->
 
 
 def retrieval_metrics(relevant: np.ndarray, relevant_totals: np.ndarray) -> dict:
-    """P@k, recall@k and mAP@k of a set of queries.
+    """P@k, recall@k, hit rate@k and mAP@k of a set of queries.
 
     Args:
         relevant: (n, k) bool, neighbour j of query i carries the query's label.
-        relevant_totals: (n,) int, catalog items with each query's label.
+        relevant_totals: (n,) int, catalog items with each query's label that may be returned.
 
     Returns:
-        ``{"queries", "precision_at_k", "recall_at_k", "map_at_k"}``.
+        ``{"queries", "precision_at_k", "recall_at_k", "hit_rate_at_k", "map_at_k"}``.
     """
     relevant = np.asarray(relevant, bool)
     return {
         "queries": int(len(relevant)),
         "precision_at_k": precision_at_k(relevant),
-        "recall_at_k": recall_at_k(relevant),
+        "recall_at_k": recall_at_k(relevant, relevant_totals),
+        "hit_rate_at_k": hit_rate_at_k(relevant),
         "map_at_k": float(average_precision_at_k(relevant, relevant_totals).mean()) if len(relevant) else float("nan"),
     }
 
 
-def neighbor_relevance(catalog_rows: list[dict], positions: np.ndarray, truth: list[str], column: str) -> np.ndarray:
+def neighbor_relevance(catalog_rows: Sequence[CatalogRecord], positions: np.ndarray, truth: list[str], column: str) -> np.ndarray:
     """Marks which neighbours carry the query's label.
 
     Args:
@@ -174,7 +170,7 @@ def neighbor_relevance(catalog_rows: list[dict], positions: np.ndarray, truth: l
     Returns:
         (n, k) bool.
     """
-    labels = np.array([row["labels"].get(column) for row in catalog_rows] + [None], dtype=object)
+    labels = np.array([row.labels.get(column) for row in catalog_rows] + [None], dtype=object)
     # -1 (no neighbour) indexes the trailing None, which never equals a label.
     found = labels[np.asarray(positions, np.int64)]
     return found == np.asarray(truth, dtype=object)[:, None]
@@ -203,7 +199,7 @@ def classification_metrics(
 
     Returns:
         ``{"queries", "accuracy", "precision", "recall", "f1", "roc_auc_ovr", "per_class",
-        "confusion_matrix"}``; see ``recommender.report`` for the key documentation.
+        "confusion_matrix"}``; see ``indexer.evaluate`` for the key documentation.
     """
     from sklearn.metrics import (
         accuracy_score,
@@ -447,11 +443,11 @@ class QueryRun:
     bad_rows: list[BadRow]
 
 
-def catalog_positions_by_hash(catalog_rows: list[dict]) -> dict[str, list[int]]:
+def catalog_positions_by_hash(catalog_rows: Sequence[CatalogRecord]) -> dict[str, list[int]]:
     """sha256 -> catalog positions with that image content."""
     by_hash: dict[str, list[int]] = {}
     for position, row in enumerate(catalog_rows):
-        by_hash.setdefault(row["sha256"], []).append(position)
+        by_hash.setdefault(row.sha256, []).append(position)
     return by_hash
 
 
@@ -476,6 +472,31 @@ def drop_excluded(
         kept_positions[i, : len(keep)] = row_positions[keep]
         kept_distances[i, : len(keep)] = row_distances[keep]
     return kept_positions, kept_distances
+
+
+def search_without_self(
+    index, vectors: np.ndarray, hashes: list[str], by_hash: dict[str, list[int]], k: int, *, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest catalog items of each query, leaving out those with the query's image content.
+
+    The one place the evaluation decides what "the query itself" is: catalog items with the
+    same sha256 (``Recommender.query`` leaves out the same ones when serving).
+
+    Args:
+        index: a ``VectorIndex`` over the catalog, positions as in ``by_hash``.
+        vectors: (n, d) float32 query vectors in the index's space.
+        hashes: n image sha256s of the queries.
+        by_hash: :func:`catalog_positions_by_hash` of the catalog rows.
+        k: neighbours to keep.
+        exclude_self: False keeps them (a catalog image then finds itself first).
+
+    Returns:
+        (n, k) int64 positions nearest first, -1 padded, and (n, k) float32 distances, inf padded.
+    """
+    excluded = [set(by_hash.get(digest, ())) if exclude_self else set() for digest in hashes]
+    widest = max((len(positions) for positions in excluded), default=0)
+    found = index.search(vectors, min(k + widest, index.size))
+    return drop_excluded(found.positions, found.distances, excluded, k)
 
 
 def run_queries(
@@ -505,7 +526,6 @@ def run_queries(
     """
     size = recommender.backbone.input_size
     by_hash = catalog_positions_by_hash(recommender.rows)
-    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
     space = recommender.label_space
     kept_rows, hashes, bad = [], [], []
     probabilities: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
@@ -536,9 +556,9 @@ def run_queries(
                 batch_hashes.append(result[1])
             if images:
                 embeddings, outputs = recommender.embed_outputs(np.stack(images))
-                found = recommender.index.search(embeddings, min(k + widest, recommender.index.size))
-                excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in batch_hashes]
-                kept = drop_excluded(found.positions, found.distances, excluded, k)
+                kept = search_without_self(
+                    recommender.index, embeddings, batch_hashes, by_hash, k, exclude_self=exclude_self
+                )
                 positions.append(kept[0])
                 distances.append(kept[1])
                 by_column = space.column_probabilities(outputs)
@@ -597,7 +617,7 @@ def raw_feature_neighbors(
     from recommender.scalers import transform
 
     catalog = [
-        CatalogRow(id=row["id"], image=row["image"], path=Path(row["path"]), labels=row["labels"])
+        CatalogRow(id=row.id, image=row.image, path=Path(row.path), labels=dict(row.labels))
         for row in recommender.rows
     ]
     catalog_features = extract_features(catalog, recommender.backbone, store, max_pixels=recommender.max_pixels)
@@ -609,17 +629,21 @@ def raw_feature_neighbors(
     scaler = recommender.runner.input_scaler
     index = VectorIndex.build(transform(scaler, catalog_features.features), "flat", use_gpu=False)
     by_hash = catalog_positions_by_hash(recommender.rows)
-    widest = max((len(v) for v in by_hash.values()), default=0) if exclude_self else 0
-    found = index.search(transform(scaler, query_features.features), min(k + widest, index.size))
-    excluded = [set(by_hash.get(h, [])) if exclude_self else set() for h in query_features.hashes]
-    positions, _ = drop_excluded(found.positions, found.distances, excluded, k)
+    positions, _ = search_without_self(
+        index, transform(scaler, query_features.features), query_features.hashes, by_hash, k, exclude_self=exclude_self
+    )
     return positions, None
 
 
 def relevant_totals(
-    catalog_rows: list[dict], truth: list[str], hashes: list[str], column: str, *, exclude_self: bool = True
+    catalog_rows: Sequence[CatalogRecord],
+    truth: list[str],
+    hashes: list[str],
+    column: str,
+    *,
+    exclude_self: bool = True,
 ) -> np.ndarray:
-    """R of mAP@k per query: catalog items with the query's label that may be returned.
+    """R of recall@k and mAP@k per query: catalog items with the query's label that may be returned.
 
     Args:
         catalog_rows: the bundle's rows (``Recommender.rows``).
@@ -632,10 +656,10 @@ def relevant_totals(
     Returns:
         (n,) int64.
     """
-    totals = Counter(row["labels"].get(column) for row in catalog_rows)
+    totals = Counter(row.labels.get(column) for row in catalog_rows)
     by_hash = catalog_positions_by_hash(catalog_rows) if exclude_self else {}
     counts = []
     for label, digest in zip(truth, hashes):
-        own = sum(1 for p in by_hash.get(digest, []) if catalog_rows[p]["labels"].get(column) == label)
+        own = sum(1 for p in by_hash.get(digest, []) if catalog_rows[p].labels.get(column) == label)
         counts.append(totals[label] - own)
     return np.asarray(counts, np.int64)

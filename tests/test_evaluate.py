@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,14 @@ from recommender.evaluate import (
     average_precision_at_k,
     classification_metrics,
     drop_excluded,
-    evaluate_queries,
+    hit_rate_at_k,
     neighbor_relevance,
     precision_at_k,
     recall_at_k,
     relevant_totals,
     retrieval_metrics,
 )
+from recommender.manifest import CatalogRecord
 
 # -- retrieval metrics by hand -------------------------------------------------------------
 
@@ -52,8 +54,26 @@ def test_precision_at_k_by_hand():
     assert precision_at_k(RELEVANT) == pytest.approx((2 + 0 + 6 + 1) / 24)
 
 
-def test_recall_at_k_is_the_share_of_queries_with_a_hit():
-    assert recall_at_k(RELEVANT) == pytest.approx(3 / 4)
+def test_recall_at_k_is_the_share_of_each_querys_relevant_items_found():
+    # query 1 finds both of its 2, query 2 none of its 5, query 3 six of its 10 (k = 6 < R
+    # caps it at 0.6), query 4 its only one
+    expected = [2 / 2, 0 / 5, 6 / 10, 1 / 1]
+    assert recall_at_k(RELEVANT, TOTALS) == pytest.approx(np.mean(expected))
+    assert retrieval_metrics(RELEVANT, TOTALS)["recall_at_k"] == pytest.approx(np.mean(expected))
+
+
+def test_recall_at_k_of_a_query_without_relevant_items_is_zero_and_a_miscount_is_an_error():
+    # R = 0: nothing could be found (its one item was the query itself), a miss like its P@k
+    assert recall_at_k(np.zeros((1, 6), bool), [0]) == 0.0
+    with pytest.raises(ValueError, match="more relevant neighbours than relevant items"):
+        recall_at_k(RELEVANT, [1, 5, 10, 1])  # query 1 found 2 of a supposed 1
+    with pytest.raises(ValueError, match="4 queries but 3 totals"):
+        recall_at_k(RELEVANT, TOTALS[:3])
+
+
+def test_hit_rate_at_k_is_the_share_of_queries_with_a_relevant_neighbour():
+    assert hit_rate_at_k(RELEVANT) == pytest.approx(3 / 4)
+    assert retrieval_metrics(RELEVANT, TOTALS)["hit_rate_at_k"] == pytest.approx(3 / 4)
 
 
 def test_average_precision_at_k_by_hand():
@@ -80,8 +100,12 @@ def test_no_relevant_item_anywhere_scores_zero_not_nan():
     assert average_precision_at_k(np.zeros((1, 6), bool), [0])[0] == 0.0
 
 
+def record(item_id: str, labels: dict, sha256: str = "") -> CatalogRecord:
+    return CatalogRecord(id=item_id, image="", path="", sha256=sha256, labels=labels)
+
+
 def test_neighbor_relevance_treats_missing_neighbours_as_wrong():
-    rows = [{"labels": {"label": name}} for name in ("a", "b", "a")]
+    rows = [record(str(i), {"label": name}) for i, name in enumerate(("a", "b", "a"))]
     positions = np.array([[0, 2, -1], [1, -1, -1]])
     relevant = neighbor_relevance(rows, positions, ["a", "b"], "label")
     assert relevant.tolist() == [[True, True, False], [True, False, False]]
@@ -99,11 +123,7 @@ def test_drop_excluded_keeps_the_first_k_others_in_order():
 
 
 def test_relevant_totals_leave_out_the_query_itself():
-    rows = [
-        {"labels": {"label": "a"}, "sha256": "x"},
-        {"labels": {"label": "a"}, "sha256": "y"},
-        {"labels": {"label": "b"}, "sha256": "z"},
-    ]
+    rows = [record("0", {"label": "a"}, "x"), record("1", {"label": "a"}, "y"), record("2", {"label": "b"}, "z")]
     assert relevant_totals(rows, ["a", "a", "b"], ["x", "new", "q"], "label").tolist() == [1, 2, 1]
 
 
@@ -211,20 +231,16 @@ def test_catalog(tmp_path_factory, image_files) -> Path:
     return catalog
 
 
-def _documented_keys() -> list[str]:
-    """The keys of the README table, sibling shorthands (``a.b`` / ``.c``) written out (``a.c``)."""
-    from recommender.report import METRICS_JSON_KEYS
+def test_the_readme_metrics_table_is_the_documented_key_list():
+    from indexer.evaluate import metrics_keys_table
 
-    keys = []
-    for line in METRICS_JSON_KEYS.splitlines()[2:]:
-        cell = line.split("|")[1]
-        previous = None
-        for key in re.findall(r"`([^`]+)`", cell):
-            if key.startswith(".") and previous:
-                key = previous.rsplit(".", 1)[0] + key
-            keys.append(key)
-            previous = key
-    return keys
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Evaluate a bundle") :]
+    start = section.index("| key | meaning |\n")
+    table = section[start : section.index("\n\n", start) + 1]
+    # On a difference, paste the output of
+    # python -c "from indexer.evaluate import metrics_keys_table; print(metrics_keys_table(), end='')"
+    assert table == metrics_keys_table()
 
 
 def _lookup(metrics: dict, key: str, head: str):
@@ -246,7 +262,9 @@ def check_documented_keys(metrics: dict, head: str) -> None:
     Under a section that was not evaluated (a bundle without hierarchy or tags) only its
     ``evaluated`` and ``reason`` keys are required.
     """
-    for key in _documented_keys():
+    from indexer.evaluate import documented_keys
+
+    for key in documented_keys():
         section = key.split(".")[0]
         if section in OPTIONAL_SECTIONS and not metrics[section]["evaluated"]:
             if key.split(".")[-1] not in ("evaluated", "reason"):
@@ -261,7 +279,7 @@ def check_documented_keys(metrics: dict, head: str) -> None:
 @pytest.fixture(scope="module")
 def cli_report(tiny_bundle, test_catalog, tmp_path_factory):
     """The report written through the ``evaluate`` command functions; returns (exit code, folder)."""
-    from recommender.report import add_evaluate_arguments, run_evaluate
+    from indexer.evaluate import add_evaluate_arguments, run_evaluate
 
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
@@ -307,16 +325,30 @@ def test_report_folder_has_valid_json_pngs_and_html(cli_report):
             assert (out / name).is_file()
 
 
-def test_report_figures_agree_with_evaluate_queries(cli_report, engine, test_catalog):
+def test_report_figures_agree_with_the_engines_own_answers(cli_report, engine, test_catalog):
     _, out = cli_report
     metrics = json.loads((out / "metrics.json").read_text())
     rows = [r for r in read_catalog(test_catalog, id_column="id", label_columns=["label", "colour"]).rows]
-    known = [r for r in rows if r.labels["label"] != "grid" and r.id != "broken"]
-    reference = evaluate_queries(engine, known, k=6)
+    known = [r for r in rows if r.labels["label"] != "grid" and r.id not in ("broken", "missing")]
+    # What serving answers (Recommender.query_many), scored here by hand.
+    answers = engine.query_many([row.path for row in known], k=6)
+    class_sizes = Counter(item.labels["label"] for item in engine.rows)
+    right, shares, found, hits = [], [], [], []
+    for row, answer in zip(known, answers):
+        truth = row.labels["label"]
+        same = [neighbour["labels"]["label"] == truth for neighbour in answer["neighbors"]]
+        right.append(answer["predicted"]["label"]["label"] == truth)
+        shares.append(sum(same) / 6)
+        found.append(sum(same) / class_sizes[truth])  # fresh images: no query is a catalog item
+        hits.append(any(same))
     label = metrics["heads"]["label"]
     assert label["queries"] == len(known) == 24
-    assert label["accuracy"] == pytest.approx(reference.accuracy["label"])
-    assert label["retrieval"]["embedding"]["precision_at_k"] == pytest.approx(reference.precision_at_k["label"])
+    assert label["accuracy"] == pytest.approx(np.mean(right))
+    embedding = label["retrieval"]["embedding"]
+    assert embedding["precision_at_k"] == pytest.approx(np.mean(shares))
+    assert embedding["recall_at_k"] == pytest.approx(np.mean(found))
+    assert embedding["hit_rate_at_k"] == pytest.approx(np.mean(hits))
+    assert embedding["recall_at_k"] <= 6 / min(class_sizes.values())  # at most k / class size
     # The generated patterns are easy: far above the 1-in-4 chance level.
     assert label["accuracy"] >= 0.75
     assert label["retrieval"]["embedding"]["precision_at_k"] >= 0.6
@@ -340,8 +372,25 @@ def test_bad_input_is_reported_not_a_crash(cli_report):
     assert "never saw" in page and "not-there.jpg" in page
 
 
+def test_measuring_writes_nothing_and_leaves_the_plots_to_the_report(engine, test_catalog, tmp_path, monkeypatch):
+    from indexer.evaluate import measure_bundle, write_report
+
+    monkeypatch.chdir(tmp_path)
+    rows = read_catalog(test_catalog, id_column="id", label_columns=["label", "colour"]).rows[:6]
+    evaluation = measure_bundle(engine, rows, 4, raw_features=False)
+    assert list(tmp_path.iterdir()) == []
+    assert evaluation.metrics["training"]["plot"] is None and evaluation.metrics["examples"]["plot"] is None
+    assert "plots" not in evaluation.metrics["heads"]["label"]
+    assert len(evaluation.run.rows) == 6 and evaluation.run.positions.shape == (6, 4)
+    written = write_report(engine, evaluation, tmp_path / "r", examples=1)
+    assert written["examples"]["plot"] == "examples.png" and "plots" in written["heads"]["label"]
+    assert written["heads"]["label"]["retrieval"] == evaluation.metrics["heads"]["label"]["retrieval"]
+    assert "plots" not in evaluation.metrics["heads"]["label"]  # the evaluation is left as it was
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == written
+
+
 def test_report_without_raw_features_and_a_head_missing(engine, test_catalog, tmp_path):
-    from recommender.report import evaluate_bundle
+    from indexer.evaluate import evaluate_bundle
 
     catalog = read_catalog(test_catalog, id_column="id", label_columns=["colour"])
     metrics = evaluate_bundle(engine, catalog.rows[:12], tmp_path / "r", 3, raw_features=False, examples=1)
@@ -355,23 +404,40 @@ def test_report_without_raw_features_and_a_head_missing(engine, test_catalog, tm
 
 
 def test_catalog_items_as_queries_do_not_find_themselves(engine, generated_catalog, tmp_path):
+    from indexer.evaluate import evaluate_bundle
     from recommender.evaluate import run_queries
-    from recommender.report import evaluate_bundle
 
     rows = read_catalog(generated_catalog, id_column="id", label_columns=["label", "colour"]).rows[::8]
     metrics = evaluate_bundle(engine, rows, tmp_path / "r", raw_features=False, examples=0)
     assert metrics["catalog"]["self_matches"] == len(rows) == 12
     assert metrics["examples"]["plot"] == "examples.png"
     run = run_queries(engine, rows, 6)
+    class_sizes = Counter(item.labels["label"] for item in engine.rows)
+    found = []
     for i, row in enumerate(run.rows):
         neighbours = [engine.rows[p].id for p in run.positions[i]]
         assert len(neighbours) == 6 and row.id not in neighbours
+        same = sum(engine.rows[p].labels["label"] == row.labels["label"] for p in run.positions[i])
+        found.append(same / (class_sizes[row.labels["label"]] - 1))  # its own item is not findable
+    assert metrics["heads"]["label"]["retrieval"]["embedding"]["recall_at_k"] == pytest.approx(np.mean(found))
     with_self = run_queries(engine, rows, 6, exclude_self=False)
     assert [engine.rows[p].id for p in with_self.positions[:, 0]] == [row.id for row in rows]
 
 
+def test_the_report_template_ships_with_the_package():
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    templates = [path.relative_to(root / "indexer").as_posix() for path in (root / "indexer" / "templates").rglob("*")]
+    assert "templates/report.html" in templates
+    for name in templates:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in package_data["indexer"]), f"{name} would not ship"
+
+
 def test_nothing_to_evaluate_is_an_error(engine, test_catalog, tmp_path):
-    from recommender.report import evaluate_bundle
+    from indexer.evaluate import evaluate_bundle
 
     rows = read_catalog(test_catalog, id_column="id").rows
     broken = [row for row in rows if row.id == "broken"]

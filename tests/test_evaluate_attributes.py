@@ -158,7 +158,7 @@ def attribute_test_catalog(tmp_path_factory) -> Path:
 
 
 def _run_evaluate(bundle: Path, catalog: Path, out: Path, *extra: str) -> dict:
-    from recommender.report import add_evaluate_arguments, run_evaluate
+    from indexer.evaluate import add_evaluate_arguments, run_evaluate
 
     parser = argparse.ArgumentParser()
     add_evaluate_arguments(parser)
@@ -242,8 +242,8 @@ def test_attribute_report_scores_the_predicted_paths_and_tags(
 def test_both_hierarchy_modes_report_level_accuracy_and_path_score(
     bundle_fixture, request, attribute_test_catalog, tmp_path
 ):
+    from indexer.evaluate import evaluate_bundle
     from recommender.engine import load_bundle
-    from recommender.report import evaluate_bundle
 
     engine = load_bundle(request.getfixturevalue(bundle_fixture))
     mode = "combined" if bundle_fixture == "combined_bundle" else "hierarchical"

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_build_config
+from conftest import ATTRIBUTE_HIERARCHY, attribute_build_config, tiny_build_config
 
-from indexer.rebuild import ArtifactRoot, RebuildConfig, job_lock, rebuild, rollback, status
+from indexer.artifacts import ArtifactRoot, job_lock, rollback, status
+from indexer.rebuild import RebuildConfig, rebuild
 from recommender.errors import CatalogError, GateError, JobLockedError, PublishError
 from recommender.synthetic import CATALOG_COLUMNS
 
@@ -146,12 +147,31 @@ def test_gate_refusal_leaves_current_untouched(photos, build_config, tmp_path):
     rebuild(write_catalog(folder, "g1.csv", rows), root, build_config)
     current = (root / "current").resolve().name
     strict = RebuildConfig(retrain="always", max_accuracy_drop=-1.0)  # demands a gain of more than 1.0: impossible
-    with pytest.raises(GateError, match="validation accuracy fell"):
+    with pytest.raises(GateError, match="validation accuracy of the primary column .label. fell"):
         rebuild(write_catalog(folder, "g2.csv", rows + extra[:1]), root, build_config, strict)
     assert (root / "current").resolve().name == current
     rejected = list((root / "rejected").iterdir())
     assert len(rejected) == 1 and rejected[0].name not in ArtifactRoot(root).bundle_ids()
     assert status(root)["runs"][-1]["state"] == "refused"
+
+
+def test_gate_compares_the_hierarchy_leaf(tiny_bundle, generated_catalog, session_store, tmp_path):
+    """The gate's "primary" is the taxonomy's leaf, as in training: with --hierarchy a>b>c and
+    no --label-column the label columns start at the root, yet the leaf is what it compares."""
+    from indexer.build import build_bundle
+    from indexer.rebuild import validation_gate
+    from recommender.bundle import read_manifest
+
+    # The CLI's columns for `--hierarchy department>family>label` alone: the levels, root first.
+    config = replace(attribute_build_config(session_store), label_columns=ATTRIBUTE_HIERARCHY, tags_column=None)
+    config = replace(config, train=replace(config.train, max_epochs=4))
+    build_bundle(generated_catalog, tmp_path / "hierarchy", config)
+    new = read_manifest(tmp_path / "hierarchy")["metrics"]["heads"]["label"]["validation_accuracy"]
+    current = read_manifest(tiny_bundle)  # label and colour heads: a shop adding a hierarchy
+    old = current["metrics"]["heads"]["label"]["validation_accuracy"]
+    strict = RebuildConfig(max_accuracy_drop=-1.0)  # demands a gain of more than 1.0: impossible
+    with pytest.raises(GateError, match=rf"primary column 'label' fell from {old:.3f} to {new:.3f}"):
+        validation_gate(tmp_path / "hierarchy", current, strict, retrained=True)
 
 
 def test_lock_contention_and_release_after_kill(photos, build_config, tmp_path):
@@ -164,7 +184,7 @@ def test_lock_contention_and_release_after_kill(photos, build_config, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from indexer.rebuild import ArtifactRoot, job_lock\nwith job_lock(ArtifactRoot(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
+            "import sys, time; from indexer.artifacts import ArtifactRoot, job_lock\nwith job_lock(ArtifactRoot(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)",
             str(root),
         ],
         cwd=ROOT,
