@@ -158,7 +158,9 @@ def retrieval_metrics(relevant: np.ndarray, relevant_totals: np.ndarray) -> dict
     }
 
 
-def neighbor_relevance(catalog_rows: Sequence[CatalogRecord], positions: np.ndarray, truth: list[str], column: str) -> np.ndarray:
+def neighbor_relevance(
+    catalog_rows: Sequence[CatalogRecord], positions: np.ndarray, truth: list[str], column: str
+) -> np.ndarray:
     """Marks which neighbours carry the query's label.
 
     Args:
@@ -617,8 +619,7 @@ def raw_feature_neighbors(
     from recommender.scalers import transform
 
     catalog = [
-        CatalogRow(id=row.id, image=row.image, path=Path(row.path), labels=dict(row.labels))
-        for row in recommender.rows
+        CatalogRow(id=row.id, image=row.image, path=Path(row.path), labels=dict(row.labels)) for row in recommender.rows
     ]
     catalog_features = extract_features(catalog, recommender.backbone, store, max_pixels=recommender.max_pixels)
     if catalog_features.bad_rows:
