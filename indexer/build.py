@@ -209,8 +209,8 @@ def build_bundle(
         overwrite: replace an existing bundle at ``out``.
         progress: show progress bars (tqdm) on stderr.
         classifier: reuse this trained classifier (e.g. the current bundle's) instead of
-            training one; every label of the catalog must be one it knows
-            (:func:`drop_unknown_labels` leaves out the rows whose labels it does not).
+            training one; every label of the catalog must be one it knows (:func:`check_reuse`;
+            :func:`drop_unknown_labels` leaves out the rows whose labels it does not).
         bundle_id: the new bundle's id (default: a fresh time-based id).
 
     Returns:
@@ -258,7 +258,16 @@ def build_bundle(
             progress=progress,
         )
     else:
-        check_known_labels(classifier, labels, tags, prepared.taxonomy)
+        # No silent mislabels: every label, path and tag must be one the classifier predicts.
+        reuse = check_reuse(classifier.label_space, prepared)
+        if not reuse.reusable:
+            raise TrainingError(f"cannot reuse the classifier: {reuse.reason}; retrain it")
+        if reuse.unknown:
+            position, reason = reuse.unknown[0]
+            raise TrainingError(
+                f"{len(reuse.unknown)} row(s) carry labels the classifier has never seen (first: id "
+                f"{extraction.rows[position].id!r}: {reason}); leave them out (drop_unknown_labels) or retrain"
+            )
         trained = classifier
     timings["train"] = time.perf_counter() - mark
 
@@ -349,59 +358,64 @@ def _self_retrieval(index: VectorIndex, embeddings: np.ndarray, hashes: list[str
     return float(np.mean(found))
 
 
-def check_known_labels(
-    classifier: TrainedClassifier,
-    labels: dict[str, list[str]],
-    tags: list[tuple[str, ...]] | None = None,
-    taxonomy: Taxonomy | None = None,
-) -> None:
-    """Refuses to reuse a classifier on labels it has never seen (no silent mislabels).
+@dataclass(frozen=True)
+class ClassifierReuse:
+    """Whether a trained classifier can embed a prepared catalog: the one answer to "can the
+    current model be reused?" (:func:`check_reuse`).
 
-    The nightly job leaves such rows out first (:func:`drop_unknown_labels`); this is the
-    check for every other caller of :func:`build_bundle` with a classifier.
-
-    Raises:
-        TrainingError: other label columns, another hierarchy or tags column, or a label
-            value, taxonomy path or tag unknown to the classifier.
+    Attributes:
+        reusable: the catalog's features come from the backbone the classifier was trained
+            on, and its label columns, hierarchy levels and tags column are the classifier's.
+            When not, every row is affected and only retraining helps.
+        reason: why it is not reusable ("" when it is).
+        same_labels: the catalog's classes per column, taxonomy paths and tags are exactly
+            those the classifier predicts (False when not reusable). A class that appeared or
+            vanished makes a new label set, which ``--retrain auto`` trains for.
+        unknown: ``(position in prepared.extraction.rows, reason)`` of each row with a label,
+            taxonomy path or tag the classifier has never seen (empty when not reusable).
     """
-    space = classifier.label_space
-    check_label_layout(space, list(labels), tags is not None, taxonomy)
-    for column, names in zip(space.columns, space.classes):
-        unknown = sorted(set(labels[column]) - set(names))
-        if unknown:
-            raise TrainingError(
-                f"label(s) {', '.join(repr(u) for u in unknown[:10])} in column {column!r} are unknown to the "
-                f"current model; retrain it (--retrain always or auto)"
-            )
-    if taxonomy:
-        new_paths = sorted(set(taxonomy.paths) - set(space.taxonomy.paths))
-        if new_paths:
-            raise TrainingError(
-                f"taxonomy path(s) {', '.join(' > '.join(p) for p in new_paths[:5])} are unknown to the current "
-                f"model; retrain it (--retrain always or auto)"
-            )
-    if tags is not None:
-        unknown = sorted({tag for row_tags in tags for tag in row_tags} - set(space.tags))
-        if unknown:
-            raise TrainingError(
-                f"tag(s) {', '.join(repr(u) for u in unknown[:10])} are unknown to the current model; retrain it "
-                f"(--retrain always or auto)"
-            )
+
+    reusable: bool
+    reason: str = ""
+    same_labels: bool = False
+    unknown: tuple[tuple[int, str], ...] = ()
 
 
-def check_label_layout(space: LabelSpace, columns: list[str], has_tags: bool, taxonomy: Taxonomy | None) -> None:
-    """Refuses a classifier whose label columns, hierarchy or tags column differ from the
-    catalog's: every row would be affected, so only retraining helps.
+def check_reuse(space: LabelSpace, prepared: PreparedCatalog, trained_on: str | None = None) -> ClassifierReuse:
+    """Whether a classifier with label space ``space`` can embed ``prepared``, and which rows
+    it cannot label.
 
-    Raises:
-        TrainingError: naming what differs.
+    Args:
+        space: the classifier's label space (a bundle's ``labels.json``).
+        prepared: the catalog with its features.
+        trained_on: identity key of the backbone the classifier was trained on (a bundle
+            manifest's ``backbone.identity.key``); None when unknown, then not compared.
+
+    Returns:
+        The typed answer (:class:`ClassifierReuse`).
     """
-    if columns != space.columns:
-        raise TrainingError(f"the catalog's label columns {columns} differ from the model's {space.columns}; retrain")
+    catalog, taxonomy = prepared.catalog, prepared.taxonomy
+    if trained_on is not None and trained_on != prepared.backbone.identity["key"]:
+        return ClassifierReuse(False, "the backbone differs from the one the current model was trained on")
+    if list(catalog.label_columns) != space.columns:
+        return ClassifierReuse(
+            False, f"the label columns {list(catalog.label_columns)} differ from the model's {space.columns}"
+        )
     if (taxonomy.levels if taxonomy else None) != (space.taxonomy.levels if space.taxonomy else None):
-        raise TrainingError("the catalog's hierarchy differs from the model's; retrain")
-    if has_tags != (space.tags_column is not None):
-        raise TrainingError("the catalog's tags column differs from the model's; retrain")
+        return ClassifierReuse(False, "the hierarchy differs from the model's")
+    if catalog.tags_column != space.tags_column:
+        return ClassifierReuse(False, "the tags column differs from the model's")
+    rows = prepared.extraction.rows
+    same_labels = all(
+        {row.labels[column] for row in rows} == set(names) for column, names in zip(space.columns, space.classes)
+    )
+    if taxonomy is not None:
+        same_labels = same_labels and set(taxonomy.paths) == set(space.taxonomy.paths)
+    if space.tags_column is not None:
+        same_labels = same_labels and {tag for row in rows for tag in row.tags} == set(space.tags)
+    reasons = unknown_label_reasons(space, rows)
+    unknown = tuple((position, reason) for position, reason in enumerate(reasons) if reason)
+    return ClassifierReuse(True, same_labels=same_labels, unknown=unknown)
 
 
 def unknown_label_reasons(space: LabelSpace, rows: list[CatalogRow]) -> list[str | None]:
@@ -435,10 +449,8 @@ def unknown_label_reasons(space: LabelSpace, rows: list[CatalogRow]) -> list[str
     return reasons
 
 
-def drop_unknown_labels(
-    prepared: PreparedCatalog, classifier: TrainedClassifier, max_bad_fraction: float
-) -> PreparedCatalog:
-    """Leaves out, as bad rows, the rows whose labels a reused classifier has never seen.
+def drop_unknown_labels(prepared: PreparedCatalog, reuse: ClassifierReuse, max_bad_fraction: float) -> PreparedCatalog:
+    """Leaves out, as bad rows, the rows a reused classifier cannot label (``reuse.unknown``).
 
     Reusing a classifier (``rebuild --retrain never``) must not mislabel a product with a
     class the model cannot predict; such a product is a failed item with its reason, and
@@ -446,7 +458,7 @@ def drop_unknown_labels(
 
     Args:
         prepared: the catalog with its features.
-        classifier: the classifier to reuse.
+        reuse: :func:`check_reuse` of the classifier to reuse on ``prepared``.
         max_bad_fraction: the largest share of bad rows (these and the earlier ones).
 
     Returns:
@@ -454,21 +466,20 @@ def drop_unknown_labels(
         added to its bad rows, the taxonomy learned again from the rows kept.
 
     Raises:
-        TrainingError: the label columns, hierarchy or tags column differ from the model's.
+        TrainingError: the classifier is not reusable at all (``reuse.reason``).
         CatalogError: too many bad rows (listed), or none left.
     """
-    space = classifier.label_space
-    catalog = prepared.catalog
-    check_label_layout(space, list(catalog.label_columns), catalog.tags_column is not None, prepared.taxonomy)
-    rows = prepared.extraction.rows
-    reasons = unknown_label_reasons(space, rows)
-    unknown = [BadRow(line=row.line, id=row.id, image=row.image, reason=r) for row, r in zip(rows, reasons) if r]
-    if not unknown:
+    if not reuse.reusable:
+        raise TrainingError(f"cannot reuse the current model: {reuse.reason}; retrain it (--retrain always or auto)")
+    if not reuse.unknown:
         return prepared
-    log.warning("%d row(s) carry labels the current model has never seen and are left out", len(unknown))
+    log.warning("%d row(s) carry labels the current model has never seen and are left out", len(reuse.unknown))
+    rows = prepared.extraction.rows
+    unknown = [BadRow(line=rows[p].line, id=rows[p].id, image=rows[p].image, reason=r) for p, r in reuse.unknown]
     bad_rows = prepared.bad_rows + unknown
-    check_bad_fraction(catalog.total, bad_rows, max_bad_fraction)
-    kept = [position for position, reason in enumerate(reasons) if reason is None]
+    check_bad_fraction(prepared.catalog.total, bad_rows, max_bad_fraction)
+    dropped = {position for position, _ in reuse.unknown}
+    kept = [position for position in range(len(rows)) if position not in dropped]
     extraction, taxonomy = keep_rows(prepared.extraction, kept, prepared.taxonomy)
     if not extraction.rows:
         raise CatalogError("no catalog rows left to build from", bad_rows=bad_rows)

@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier
 from recommender.config import BuildConfig
 from recommender.errors import GateError, RecommenderError
 from recommender.labels import LabelSpace
+
+if TYPE_CHECKING:  # indexer.build loads the training stack: imported when a rebuild runs
+    from indexer.build import ClassifierReuse
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +104,27 @@ def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
 
 
 def decide_retrain(
-    policy: str,
-    changes: Changes,
-    current_classes: dict[str, list[str]] | None,
-    new_labels: dict[str, list[str]],
-    threshold: float,
-    current_size: int,
+    policy: str, changes: Changes, reuse: ClassifierReuse | None, threshold: float, current_size: int
 ) -> tuple[bool, str]:
-    """Whether to train a new classifier, and why (see :class:`RebuildConfig`)."""
-    if current_classes is None:
+    """Whether to train a new classifier, and why (see :class:`RebuildConfig`).
+
+    Args:
+        policy: ``auto``, ``always`` or ``never``.
+        changes: how the catalog differs from the current bundle's.
+        reuse: whether the current bundle's classifier fits the new catalog
+            (:func:`indexer.build.check_reuse`); None without a current bundle.
+        threshold: share of changed items above which ``auto`` retrains.
+        current_size: items in the current bundle.
+    """
+    if reuse is None:
         return True, "no current bundle"
     if policy == "always":
         return True, "--retrain always"
-    label_set_changed = list(current_classes) != list(new_labels) or any(
-        set(current_classes[c]) != set(new_labels[c]) for c in new_labels
-    )
     if policy == "never":
         return False, "--retrain never"
-    if label_set_changed:
+    if not reuse.reusable:
+        return True, reuse.reason
+    if not reuse.same_labels:
         return True, "the label set changed"
     share = (len(changes.added) + len(changes.changed) + len(changes.removed) + len(changes.relabelled)) / max(
         current_size, 1
@@ -204,7 +211,7 @@ def rebuild(
         GateError: the new bundle was refused (moved to ``rejected/``; ``current`` untouched).
         CatalogError, TrainingError, ...: as for a build; ``current`` untouched.
     """
-    from indexer.build import build_bundle, drop_unknown_labels, load_catalog, prepare_catalog
+    from indexer.build import build_bundle, check_reuse, drop_unknown_labels, load_catalog, prepare_catalog
 
     if config.retrain not in RETRAIN_POLICIES:
         raise ValueError(f"retrain must be one of {RETRAIN_POLICIES}")
@@ -222,7 +229,6 @@ def rebuild(
 
             run.phase("features")
             prepared = prepare_catalog(load_catalog(catalog_source, build_config), build_config, progress=progress)
-            extraction = prepared.extraction
 
             def tally(prepared):
                 """What changed against ``current`` and what failed, for ``prepared``."""
@@ -238,44 +244,30 @@ def rebuild(
                 return run.finish("unchanged", counts=counts, failed=failed, current=current.name, message=message)
 
             changes, counts, failed = tally(prepared)
-            new_labels = label_sets(
-                {c: sorted({row.labels[c] for row in extraction.rows}) for c in prepared.catalog.label_columns},
-                prepared.taxonomy.paths if prepared.taxonomy else None,
-                sorted({t for row in extraction.rows for t in row.tags}) if prepared.catalog.tags_column else None,
-            )
-            current_classes = None
-            if current_manifest is not None:
+            reuse = None
+            if current is not None:
                 space = LabelSpace.from_json(json.loads((current / "labels.json").read_text(encoding="utf-8")))
-                current_classes = label_sets(
-                    dict(zip(space.columns, space.classes)),
-                    space.taxonomy.paths if space.taxonomy else None,
-                    space.tags if space.tags_column else None,
-                )
-            if (
-                current is not None
-                and not changes.any
-                and config.retrain != "always"
-                and _same_build(current_manifest, build_config, prepared)
-            ):
-                return keep_current("nothing changed; current bundle kept")
+                reuse = check_reuse(space, prepared, trained_on=current_manifest["backbone"]["identity"]["key"])
+                if reuse.reusable and not changes.any and config.retrain != "always":
+                    return keep_current("nothing changed; current bundle kept")
 
             retrain, reason = decide_retrain(
-                config.retrain, changes, current_classes, new_labels, config.retrain_threshold, len(current_rows)
+                config.retrain, changes, reuse, config.retrain_threshold, len(current_rows)
             )
             classifier = None
             if not retrain:
-                classifier, _ = read_classifier(current, current_manifest)
-                classifier.metrics = {**classifier.metrics, "reused_from": current.name}
                 # A product with a label the reused model never saw is a failed item, not a
                 # failed job (strict in aggregate: --max-bad-fraction); the rest publishes.
-                reusable = drop_unknown_labels(prepared, classifier, build_config.max_bad_fraction)
-                if reusable is not prepared:
-                    prepared = reusable
+                labelled = drop_unknown_labels(prepared, reuse, build_config.max_bad_fraction)
+                if labelled is not prepared:
+                    prepared = labelled
                     changes, counts, failed = tally(prepared)
-                    if not changes.any and _same_build(current_manifest, build_config, prepared):
+                    if not changes.any:
                         return keep_current(
                             "nothing to publish besides rows the current model cannot label; current bundle kept"
                         )
+                classifier, _ = read_classifier(current, current_manifest)
+                classifier.metrics = {**classifier.metrics, "reused_from": current.name}
             run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
             run.phase("build")
             bundle_id = new_bundle_id()
@@ -308,28 +300,6 @@ def rebuild(
         except BaseException as error:
             run.finish("failed", reason=f"{type(error).__name__}: {error}")
             raise
-
-
-def label_sets(classes: dict[str, list[str]], paths=None, tags: list[str] | None = None) -> dict[str, list[str]]:
-    """What a classifier can predict, as comparable sets: the classes per column, plus the
-    taxonomy's paths and the tag names when there are any (keys ``#paths``, ``#tags``)."""
-    found = dict(classes)
-    if paths is not None:
-        found["#paths"] = sorted(" > ".join(path) for path in paths)
-    if tags is not None:
-        found["#tags"] = list(tags)
-    return found
-
-
-def _same_build(manifest: dict, build_config: BuildConfig, prepared) -> bool:
-    """Whether the current bundle was built with this backbone, label columns, hierarchy and tags."""
-    catalog = manifest["catalog"]
-    return (
-        manifest["backbone"]["identity"]["key"] == prepared.backbone.identity["key"]
-        and catalog["label_columns"] == prepared.catalog.label_columns
-        and catalog.get("hierarchy") == (list(prepared.taxonomy.levels) if prepared.taxonomy else None)
-        and catalog.get("tags_column") == prepared.catalog.tags_column
-    )
 
 
 def summary_lines(summary: dict) -> list[str]:

@@ -338,31 +338,99 @@ def test_sigkill_at_any_point_leaves_current_working(photos, tmp_path):
         assert [n["id"] for n in mine["neighbors"]] == [n["id"] for n in theirs["neighbors"]]
 
 
+def prepared_catalog(rows, folder: Path, backbone=None):
+    """Rows with columns label and family (hierarchy family > label) and tags, as the rebuild
+    sees them after extraction (the features are not looked at by the reuse check)."""
+    from indexer.build import PreparedCatalog
+    from recommender.catalog import Catalog
+    from recommender.features import ExtractionResult
+    from recommender.labels import Taxonomy
+
+    taxonomy, _ = Taxonomy.learn([row.labels for row in rows], ("family", "label"))
+    catalog = Catalog(rows, [], ["label", "family"], folder, "test", len(rows), tags_column="tags")
+    features = np.zeros((len(rows), 4), np.float32)
+    extraction = ExtractionResult(rows, [row.id for row in rows], features, None, [], 0)
+    return PreparedCatalog(catalog, backbone, extraction, [], {}, taxonomy)
+
+
 def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
     """Tags count as labels for the nightly diff, and a new tag or taxonomy path is a new label set."""
-    from indexer.rebuild import decide_retrain, diff_catalog, label_sets
+    from indexer.build import ClassifierReuse, check_reuse
+    from indexer.rebuild import decide_retrain, diff_catalog
     from recommender.catalog import CatalogRow
+    from recommender.labels import LabelSpace
 
-    def row(item_id, tags):
-        return CatalogRow(id=item_id, image=f"{item_id}.jpg", path=tmp_path, labels={"label": "a"}, tags=tags)
+    def row(item_id, family, label, tags):
+        labels = {"label": label, "family": family}
+        return CatalogRow(id=item_id, image=f"{item_id}.jpg", path=tmp_path, labels=labels, tags=tags)
 
-    current = [
-        {"id": "x", "sha256": "1", "labels": {"label": "a"}, "tags": ["warm"]},
-        {"id": "y", "sha256": "2", "labels": {"label": "a"}, "tags": []},
-    ]
-    changes = diff_catalog(current, [row("x", ("cool",)), row("y", ())], ["1", "2"])
+    before = [row("x", "top", "a", ("warm",)), row("y", "bottom", "b", ())]
+    trained = prepared_catalog(before, tmp_path)
+    labels = {column: [r.labels[column] for r in before] for column in ("label", "family")}
+    space = LabelSpace.create(labels, taxonomy=trained.taxonomy, tags=[r.tags for r in before], tags_column="tags")
+    current = [{"id": r.id, "sha256": r.id, "labels": r.labels, "tags": list(r.tags)} for r in before]
+
+    retagged = [row("x", "top", "a", ("cool",)), before[1]]
+    changes = diff_catalog(current, retagged, ["x", "y"])
     assert changes.relabelled == ["x"] and changes.unchanged == 1
-    before = label_sets({"label": ["a"]}, [("top", "a")], ["warm"])
-    same = label_sets({"label": ["a"]}, [("top", "a")], ["warm"])
-    assert decide_retrain("auto", changes, before, same, 0.9, 2) == (
+    same = check_reuse(space, trained)
+    assert same == ClassifierReuse(True, same_labels=True)
+    assert decide_retrain("auto", changes, same, 0.9, 2) == (
         False,
         "50.0% of the catalog changed (threshold 90%): classifier reused",
     )
-    for after in (
-        label_sets({"label": ["a"]}, [("top", "a")], ["cool", "warm"]),
-        label_sets({"label": ["a"]}, [("bottom", "a")], ["warm"]),
-    ):
-        assert decide_retrain("auto", changes, before, after, 0.9, 2) == (True, "the label set changed")
+    new_tag = check_reuse(space, prepared_catalog(retagged, tmp_path))
+    paths_swapped = [row("x", "top", "b", ("warm",)), row("y", "bottom", "a", ())]
+    swapped = check_reuse(space, prepared_catalog(paths_swapped, tmp_path))
+    for reuse in (new_tag, swapped):  # same classes per column; a tag or the paths differ
+        assert reuse.reusable and not reuse.same_labels
+        assert decide_retrain("auto", changes, reuse, 0.9, 2) == (True, "the label set changed")
+    assert new_tag.unknown == ((0, "tag(s) 'cool' are unknown to the current model; retrain to add them"),)
+    assert [position for position, _ in swapped.unknown] == [0, 1]
+    # A class that vanished is a new label set too, though every row is one the model knows.
+    fewer = check_reuse(space, prepared_catalog(before[:1], tmp_path))
+    assert fewer.reusable and not fewer.same_labels and not fewer.unknown
+
+
+def test_a_classifier_is_not_reused_on_another_backbone(tmp_path, tiny_backbone):
+    """Features of another backbone are not what the current classifier was trained on: auto
+    retrains, never refuses (it used to re-embed them with the old classifier)."""
+    from indexer.build import check_reuse, drop_unknown_labels
+    from indexer.rebuild import Changes, decide_retrain
+    from recommender.catalog import CatalogRow
+    from recommender.errors import TrainingError
+    from recommender.labels import LabelSpace
+
+    rows = [CatalogRow(id="x", image="x.jpg", path=tmp_path, labels={"label": "a", "family": "top"}, tags=("warm",))]
+    prepared = prepared_catalog(rows, tmp_path, backbone=tiny_backbone)
+    labels = {"label": ["a"], "family": ["top"]}
+    space = LabelSpace.create(labels, taxonomy=prepared.taxonomy, tags=[("warm",)], tags_column="tags")
+    assert check_reuse(space, prepared, trained_on=tiny_backbone.identity["key"]).same_labels
+    other = check_reuse(space, prepared, trained_on="0123456789abcdef")
+    assert not other.reusable and other.reason == "the backbone differs from the one the current model was trained on"
+    assert decide_retrain("auto", Changes(unchanged=1), other, 0.2, 1) == (True, other.reason)
+    assert decide_retrain("never", Changes(unchanged=1), other, 0.2, 1) == (False, "--retrain never")
+    with pytest.raises(TrainingError, match="cannot reuse the current model: the backbone differs"):
+        drop_unknown_labels(prepared, other, 0.05)
+
+
+def test_build_refuses_a_reused_classifier_on_labels_it_never_saw(
+    tiny_bundle, generated_catalog, tiny_config, tmp_path
+):
+    """Outside the nightly job (which leaves such rows out first) a build with a reused
+    classifier refuses a catalog it cannot label, naming the row, and writes nothing."""
+    from indexer.build import build_bundle, load_catalog
+    from recommender.bundle import read_classifier
+    from recommender.errors import TrainingError
+
+    catalog = load_catalog(generated_catalog, tiny_config)
+    first = catalog.rows[0]
+    catalog.rows[0] = replace(first, labels={**first.labels, "label": "argyle"})
+    classifier, _ = read_classifier(tiny_bundle)
+    unknown = "label 'argyle' in column 'label' is unknown to the current model"
+    with pytest.raises(TrainingError, match=rf"1 row\(s\) carry labels .*first: id '{first.id}': {unknown}"):
+        build_bundle(catalog, tmp_path / "reused", tiny_config, classifier=classifier)
+    assert not (tmp_path / "reused").exists()
 
 
 def test_unknown_label_reasons_name_the_label_path_or_tag(tmp_path):
