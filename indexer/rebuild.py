@@ -25,6 +25,7 @@ from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier
 from recommender.config import BuildConfig
 from recommender.errors import GateError, RecommenderError
 from recommender.labels import LabelSpace
+from recommender.manifest import CatalogRecord, Manifest
 
 if TYPE_CHECKING:  # indexer.build loads the training stack: imported when a rebuild runs
     from indexer.build import ClassifierReuse
@@ -83,9 +84,9 @@ class Changes:
         return bool(self.added or self.changed or self.removed or self.relabelled)
 
 
-def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
-    """Compares the current bundle's rows with the new catalog's, by id, photo hash and labels."""
-    before = {row["id"]: row for row in current_rows}
+def diff_catalog(current_rows: list[CatalogRecord], rows, hashes: list[str]) -> Changes:
+    """Compares the current bundle's records with the new catalog's rows, by id, photo hash and labels."""
+    before = {row.id: row for row in current_rows}
     changes = Changes()
     seen = set()
     for row, digest in zip(rows, hashes):
@@ -93,9 +94,9 @@ def diff_catalog(current_rows: list[dict], rows, hashes: list[str]) -> Changes:
         old = before.get(row.id)
         if old is None:
             changes.added.append(row.id)
-        elif old["sha256"] != digest:
+        elif old.sha256 != digest:
             changes.changed.append(row.id)
-        elif old["labels"] != row.labels or old.get("tags", []) != list(row.tags):
+        elif old.labels != row.labels or tuple(old.tags or ()) != tuple(row.tags):
             changes.relabelled.append(row.id)
         else:
             changes.unchanged += 1
@@ -134,7 +135,9 @@ def decide_retrain(
     return False, f"{share:.1%} of the catalog changed (threshold {threshold:.0%}): classifier reused"
 
 
-def validation_gate(new_bundle: Path, current_manifest: dict | None, config: RebuildConfig, retrained: bool) -> dict:
+def validation_gate(
+    new_bundle: Path, current_manifest: Manifest | None, config: RebuildConfig, retrained: bool
+) -> dict:
     """Loads and checks a new bundle before it may be published.
 
     Checks: it verifies and loads; a sample of its catalog photos, queried end to end, each
@@ -160,21 +163,20 @@ def validation_gate(new_bundle: Path, current_manifest: dict | None, config: Reb
     missed = []
     for position in sample:
         row = recommender.rows[int(position)]
-        first = recommender.query(row["path"], k=1, exclude_self=False)["neighbors"][0]
-        if recommender.item(first["id"])["sha256"] != row["sha256"]:
-            missed.append(row["id"])
+        first = recommender.query(row.path, k=1, exclude_self=False)["neighbors"][0]
+        if recommender.item(first["id"]).sha256 != row.sha256:
+            missed.append(row.id)
     if missed:
         raise GateError(
             f"{len(missed)} of {count} sampled catalog photos do not find themselves first: {', '.join(missed[:10])}"
         )
     # The class training watches (the taxonomy's leaf with a hierarchy), from its one definition.
-    primary = recommender.label_space.primary_column
-    new_accuracy = recommender.manifest["metrics"]["heads"][primary]["validation_accuracy"]
+    primary = recommender.primary_column
+    new_accuracy = recommender.manifest.metrics.accuracy(primary)
     findings = {"self_check": f"{count}/{count}", "primary_column": primary, "validation_accuracy": new_accuracy}
     if retrained and current_manifest is not None:
-        old_heads = current_manifest.get("metrics", {}).get("heads", {})
-        if primary in old_heads:
-            old_accuracy = old_heads[primary]["validation_accuracy"]
+        old_accuracy = current_manifest.metrics.accuracy(primary)
+        if old_accuracy is not None and new_accuracy is not None:
             findings["current_validation_accuracy"] = old_accuracy
             if new_accuracy < old_accuracy - config.max_accuracy_drop:
                 raise GateError(
@@ -225,7 +227,7 @@ def rebuild(
                 log.warning("removed leftovers of an interrupted run: %s", ", ".join(leftovers))
             current = artifacts.current_bundle()
             current_manifest = verify_bundle(current) if current else None
-            current_rows = read_catalog_rows(current, current_manifest["counts"]["items"]) if current else []
+            current_rows = read_catalog_rows(current, current_manifest.counts.items) if current else []
 
             run.phase("features")
             prepared = prepare_catalog(load_catalog(catalog_source, build_config), build_config, progress=progress)
@@ -247,7 +249,7 @@ def rebuild(
             reuse = None
             if current is not None:
                 space = LabelSpace.from_json(json.loads((current / "labels.json").read_text(encoding="utf-8")))
-                reuse = check_reuse(space, prepared, trained_on=current_manifest["backbone"]["identity"]["key"])
+                reuse = check_reuse(space, prepared, trained_on=current_manifest.backbone.identity_key)
                 if reuse.reusable and not changes.any and config.retrain != "always":
                     return keep_current("nothing changed; current bundle kept")
 
