@@ -166,9 +166,9 @@ def test_gate_compares_the_hierarchy_leaf(tiny_bundle, generated_catalog, sessio
     config = replace(attribute_build_config(session_store), label_columns=ATTRIBUTE_HIERARCHY, tags_column=None)
     config = replace(config, train=replace(config.train, max_epochs=4))
     build_bundle(generated_catalog, tmp_path / "hierarchy", config)
-    new = read_manifest(tmp_path / "hierarchy")["metrics"]["heads"]["label"]["validation_accuracy"]
+    new = read_manifest(tmp_path / "hierarchy").metrics.accuracy("label")
     current = read_manifest(tiny_bundle)  # label and colour heads: a shop adding a hierarchy
-    old = current["metrics"]["heads"]["label"]["validation_accuracy"]
+    old = current.metrics.accuracy("label")
     strict = RebuildConfig(max_accuracy_drop=-1.0)  # demands a gain of more than 1.0: impossible
     with pytest.raises(GateError, match=rf"primary column 'label' fell from {old:.3f} to {new:.3f}"):
         validation_gate(tmp_path / "hierarchy", current, strict, retrained=True)
@@ -357,6 +357,7 @@ def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
     """Tags count as labels for the nightly diff, and a new tag or taxonomy path is a new label set."""
     from indexer.build import ClassifierReuse, check_reuse
     from indexer.rebuild import decide_retrain, diff_catalog
+    from recommender.manifest import CatalogRecord
     from recommender.catalog import CatalogRow
     from recommender.labels import LabelSpace
 
@@ -368,7 +369,7 @@ def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
     trained = prepared_catalog(before, tmp_path)
     labels = {column: [r.labels[column] for r in before] for column in ("label", "family")}
     space = LabelSpace.create(labels, taxonomy=trained.taxonomy, tags=[r.tags for r in before], tags_column="tags")
-    current = [{"id": r.id, "sha256": r.id, "labels": r.labels, "tags": list(r.tags)} for r in before]
+    current = [CatalogRecord.from_row(r, r.id, with_tags=True) for r in before]
 
     retagged = [row("x", "top", "a", ("cool",)), before[1]]
     changes = diff_catalog(current, retagged, ["x", "y"])
