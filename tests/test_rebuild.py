@@ -387,9 +387,9 @@ def test_changed_tags_relabel_and_new_tags_or_paths_retrain(tmp_path):
     """Tags count as labels for the nightly diff, and a new tag or taxonomy path is a new label set."""
     from indexer.build import ClassifierReuse, check_reuse
     from indexer.rebuild import decide_retrain, diff_catalog
-    from recommender.manifest import CatalogRecord
     from recommender.catalog import CatalogRow
     from recommender.labels import LabelSpace
+    from recommender.manifest import CatalogRecord
 
     def row(item_id, family, label, tags):
         labels = {"label": label, "family": family}
