@@ -33,6 +33,7 @@ from pathlib import Path
 from recommender.bundle import read_manifest, verify_bundle
 from recommender.checkpoints import checkpoint
 from recommender.errors import BundleError, JobLockedError, PublishError
+from recommender.files import atomic_write_json
 
 
 class ArtifactRoot:
@@ -198,9 +199,7 @@ class RunLog:
         return self.data
 
     def write(self) -> None:
-        temp = self.path.with_name(f".{self.path.name}.tmp")
-        temp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        os.replace(temp, self.path)
+        atomic_write_json(self.path, self.data, default=str)
 
 
 def rollback(root: str | os.PathLike, to: str | None = None) -> dict:

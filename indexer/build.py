@@ -22,7 +22,7 @@ from recommender.checkpoints import checkpoint
 from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
-from recommender.features import ExtractionResult, FeatureStore, extract_features
+from recommender.features import ExtractionResult, FeatureStore, extract_features, progress_bar
 from recommender.index import VectorIndex
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.manifest import CatalogRecord
@@ -52,12 +52,6 @@ class BuildReport:
     def to_json(self) -> dict:
         """JSON-ready form."""
         return asdict(self)
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
 
 
 @dataclass
@@ -119,7 +113,7 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
     seconds = {"load_backbone": time.perf_counter() - started}
     store = FeatureStore(config.feature_store, backbone.identity["key"], backbone.feature_dim)
     mark = time.perf_counter()
-    with _progress_bar(len(catalog.rows), "features", progress) as bar:
+    with progress_bar(len(catalog.rows), "features", progress) as bar:
         extraction = extract_features(
             catalog.rows,
             backbone,

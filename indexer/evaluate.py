@@ -38,6 +38,7 @@ import numpy as np
 
 from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import CatalogError, RecommenderError
+from recommender.files import atomic_write_json
 
 if TYPE_CHECKING:  # the CLI imports this module for its flags: keep that light
     from recommender.evaluate import QueryRun
@@ -322,8 +323,9 @@ def measure_bundle(
             f"the test catalog has none of the bundle's label columns ({', '.join(recommender.label_columns)})",
             bad_rows=bad_rows,
         )
+    from recommender.features import progress_bar
 
-    with _progress_bar(len(catalog_rows), "queries", progress) as bar:
+    with progress_bar(len(catalog_rows), "queries", progress) as bar:
         run = run_queries(recommender, catalog_rows, k, batch_size=batch_size, progress=bar.update)
     bad_rows += run.bad_rows
     if not run.rows:
@@ -475,7 +477,7 @@ def write_report(recommender, evaluation: Evaluation, out_dir: str | Path, *, ex
         if entry.get("evaluated"):
             entry["plots"] = plots["heads"][column]
     metrics["seconds"] = evaluation.metrics["seconds"] + time.perf_counter() - started
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_json(out_dir / "metrics.json", metrics)
     (out_dir / "report.html").write_text(render_html(metrics, plots), encoding="utf-8")
     return metrics
 
@@ -667,12 +669,6 @@ def _open_store(feature_store, backbone):
     from recommender.features import FeatureStore
 
     return FeatureStore(feature_store, backbone.identity["key"], backbone.feature_dim)
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
 
 
 def _read_history(bundle: Path) -> dict:

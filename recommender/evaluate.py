@@ -42,7 +42,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +49,7 @@ import numpy as np
 
 from recommender.catalog import BadRow, CatalogRow
 from recommender.errors import InvalidImageError
-from recommender.images import load_image_with_hash
+from recommender.images import decoded_batches, load_image_with_hash
 from recommender.labels import path_score
 from recommender.manifest import CatalogRecord
 
@@ -541,40 +540,34 @@ def run_queries(
         except InvalidImageError as error:
             return error
 
-    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        pending = pool.map(decode, batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            decoded = list(pending)
-            if index + 1 < len(batches):  # decode the next batch while this one runs
-                pending = pool.map(decode, batches[index + 1])
-            images, batch_rows, batch_hashes = [], [], []
-            for row, result in zip(batch, decoded):
-                if isinstance(result, InvalidImageError):
-                    bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(result)))
-                    continue
-                images.append(result[0])
-                batch_rows.append(row)
-                batch_hashes.append(result[1])
-            if images:
-                embeddings, outputs = recommender.embed_outputs(np.stack(images))
-                kept = search_without_self(
-                    recommender.index, embeddings, batch_hashes, by_hash, k, exclude_self=exclude_self
-                )
-                positions.append(kept[0])
-                distances.append(kept[1])
-                by_column = space.column_probabilities(outputs)
-                codes = space.predict(outputs)
-                for head, column in enumerate(recommender.label_columns):
-                    probabilities[head].append(by_column[column].astype(np.float32))
-                    predicted[head].append(np.asarray(codes[column][0], np.int64))
-                scores = space.tag_probabilities(outputs)
-                if scores is not None:
-                    tag_probabilities.append(scores.astype(np.float32))
-                kept_rows += batch_rows
-                hashes += batch_hashes
-            if progress:
-                progress(len(batch))
+    for batch, decoded in decoded_batches(rows, batch_size, decode, decode_workers):
+        images, batch_rows, batch_hashes = [], [], []
+        for row, result in zip(batch, decoded):
+            if isinstance(result, InvalidImageError):
+                bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(result)))
+                continue
+            images.append(result[0])
+            batch_rows.append(row)
+            batch_hashes.append(result[1])
+        if images:
+            embeddings, outputs = recommender.embed_outputs(np.stack(images))
+            kept = search_without_self(
+                recommender.index, embeddings, batch_hashes, by_hash, k, exclude_self=exclude_self
+            )
+            positions.append(kept[0])
+            distances.append(kept[1])
+            by_column = space.column_probabilities(outputs)
+            codes = space.predict(outputs)
+            for head, column in enumerate(recommender.label_columns):
+                probabilities[head].append(by_column[column].astype(np.float32))
+                predicted[head].append(np.asarray(codes[column][0], np.int64))
+            scores = space.tag_probabilities(outputs)
+            if scores is not None:
+                tag_probabilities.append(scores.astype(np.float32))
+            kept_rows += batch_rows
+            hashes += batch_hashes
+        if progress:
+            progress(len(batch))
     width = [len(names) for names in recommender.classes]
     return QueryRun(
         rows=kept_rows,

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from recommender.errors import CatalogError
+from recommender.files import atomic_write_bytes
 
 #: The ten class names, indexed by label (0..9).
 CLASS_NAMES = (
@@ -250,8 +250,8 @@ def materialize(
                 progress(count - reported)
                 reported = count
         info = {**request, "counts": _split_counts(rows), "catalog_sha256": hashlib.sha256(catalog_bytes).hexdigest()}
-        _write_atomically(info_path, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
-        _write_atomically(catalog_path, catalog_bytes)
+        atomic_write_bytes(info_path, (json.dumps(info, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(catalog_path, catalog_bytes)
     except OSError as error:
         raise CatalogError(f"cannot write the Fashion-MNIST catalog into {out}: {error}") from None
     return catalog_path
@@ -349,16 +349,3 @@ def _split_counts(rows) -> dict[str, int]:
     for row in rows:
         counts[row[2]] = counts.get(row[2], 0) + 1
     return counts
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise

@@ -21,8 +21,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +31,20 @@ import numpy as np
 from recommender.catalog import BadRow, CatalogRow
 from recommender.checkpoints import checkpoint
 from recommender.errors import FeatureStoreError, InvalidImageError
-from recommender.images import DEFAULT_MAX_PIXELS, load_image, read_image_bytes
+from recommender.files import atomic_write
+from recommender.images import DEFAULT_MAX_PIXELS, decoded_batches, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
 VIEWS = ("original", "flipped")
+
+
+def progress_bar(total: int, description: str, enabled: bool):
+    """A tqdm bar over ``total`` images on stderr (disabled: a no-op bar), for image-by-image jobs."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="img", disable=not enabled, leave=False)
 
 
 class FeatureStore:
@@ -181,19 +188,16 @@ class FeatureStore:
 
 def _write_store_file(final: Path, groups: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
     """Writes an HDF5 store file to a temp name, fsyncs it, then renames it into place."""
-    temp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+
+    def write(temp: Path) -> None:
         with h5py.File(temp, "w") as handle:
             handle.attrs["format_version"] = STORE_FORMAT_VERSION
             for (key, view), (digests, features) in groups.items():
                 group = handle.require_group(key).create_group(view)
                 group.create_dataset("hashes", data=np.array([d.encode() for d in digests], dtype="S64"))
                 group.create_dataset("features", data=np.asarray(features, np.float32))
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, final)
-    finally:
-        temp.unlink(missing_ok=True)
+
+    atomic_write(final, write)
 
 
 @dataclass
@@ -239,11 +243,6 @@ def hash_rows(rows: list[CatalogRow]) -> tuple[list[CatalogRow], list[str], list
         except InvalidImageError as error:
             bad.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(error)))
     return good, hashes, bad
-
-
-def _batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def extract_features(
@@ -297,33 +296,28 @@ def extract_features(
     if progress and len(todo) < len(rows):
         progress(len(rows) - len(todo))
     extracted = 0
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        batches = list(_batches(todo, batch_size))
-        pending = pool.map(decode, batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            decoded = list(pending)
-            if index + 1 < len(batches):  # decode the next batch while this one runs
-                pending = pool.map(decode, batches[index + 1])
-            images, digests = [], []
-            for (row, digest), image in zip(batch, decoded):
-                if isinstance(image, InvalidImageError):
-                    bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(image)))
-                    failed.add(row.id)
-                else:
-                    images.append(image)
-                    digests.append(digest)
-            if images:
-                stacked = np.stack(images)
-                for view in views:
-                    batch_input = stacked if view == "original" else stacked[:, :, ::-1]
-                    features = backbone.extract(batch_input)
-                    if store is not None:
-                        store.add(digests, features, view)
-                        checkpoint("features")
-                    fresh[view].update(zip(digests, features))
-                extracted += len(images)
-            if progress:
-                progress(len(batch))
+    # One batch is decoded ahead of the backbone (recommender.images.decoded_batches).
+    for batch, decoded in decoded_batches(todo, batch_size, decode, decode_workers):
+        images, digests = [], []
+        for (row, digest), image in zip(batch, decoded):
+            if isinstance(image, InvalidImageError):
+                bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(image)))
+                failed.add(row.id)
+            else:
+                images.append(image)
+                digests.append(digest)
+        if images:
+            stacked = np.stack(images)
+            for view in views:
+                batch_input = stacked if view == "original" else stacked[:, :, ::-1]
+                features = backbone.extract(batch_input)
+                if store is not None:
+                    store.add(digests, features, view)
+                    checkpoint("features")
+                fresh[view].update(zip(digests, features))
+            extracted += len(images)
+        if progress:
+            progress(len(batch))
     keep = [(row, digest) for row, digest in zip(rows, hashes) if row.id not in failed]
     out_rows = [row for row, _ in keep]
     out_hashes = [digest for _, digest in keep]

@@ -17,6 +17,8 @@ import hashlib
 import io
 import os
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -191,3 +193,23 @@ def load_image_with_hash(
     """
     raw = source if isinstance(source, ImageBytes) else read_image_bytes(source)
     return load_image(raw, size, max_pixels=max_pixels), raw.sha256
+
+
+def decoded_batches(items: Sequence, batch_size: int, decode: Callable, workers: int) -> Iterator[tuple[list, list]]:
+    """Yields ``(batch, [decode(item) for item in batch])``, decoding the next batch meanwhile.
+
+    Decoding (Pillow, which releases the GIL) runs on a pool of ``workers`` threads one batch
+    ahead of the caller, so the backbone or the classifier never waits for the disk. ``decode``
+    should return an error value rather than raise for a bad item, so one bad photo does not
+    end the batch.
+    """
+    batches = [list(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = pool.map(decode, batches[0])
+        for index, batch in enumerate(batches):
+            decoded = list(pending)
+            if index + 1 < len(batches):
+                pending = pool.map(decode, batches[index + 1])
+            yield batch, decoded
