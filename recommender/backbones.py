@@ -414,6 +414,23 @@ def list_backbones() -> dict[str, str]:
     return {registration.usage: registration.description for registration in _REGISTRY.values()}
 
 
+def default_input_size(name: str) -> int:
+    """The input size a backbone gets when none is asked for (``--image-size`` left out).
+
+    Args:
+        name: as given to ``--backbone``.
+
+    Returns:
+        A Keras application's row's ``input_size`` (the size its ImageNet weights were trained
+        at); for any other name :class:`BackboneSpec`'s default, which a TFLite model replaces
+        with its file's own size when it loads.
+    """
+    for application in KERAS_APPLICATIONS:
+        if application.name == name:
+            return application.input_size
+    return BackboneSpec().input_size
+
+
 def load_backbone(spec: BackboneSpec, *, random_weights_path: str | os.PathLike | None = None) -> Backbone:
     """Creates the backbone a spec names.
 

@@ -155,7 +155,7 @@ class Recommender:
             InvalidImageError: the first image that cannot be read.
             QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
-        _check_k(k)
+        check_k(k)
         filters, match_predicted = self._check_filters(filters, match_predicted)
         raws = [image if isinstance(image, ImageBytes) else read_image_bytes(image) for image in images]
         decoded = np.stack([load_image(raw, self.backbone.input_size, max_pixels=self.max_pixels) for raw in raws])
@@ -201,7 +201,7 @@ class Recommender:
             KeyError: unknown id.
             QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
-        _check_k(k)
+        check_k(k)
         filters, _ = self._check_filters(filters, ())
         position = self._by_id[item_id]
         row = self.rows[position]
@@ -285,9 +285,18 @@ class Recommender:
         return found
 
 
-def _check_k(k) -> None:
+def check_k(k, name: str = "k") -> None:
+    """The one range check of a neighbour count (queries, ``--k`` of ``query`` and ``evaluate``).
+
+    Args:
+        k: the count asked for.
+        name: how the message names it (``--k`` on the command line).
+
+    Raises:
+        QueryError: ``k`` is not a whole number from 1 to :data:`MAX_K`.
+    """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-        raise QueryError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
+        raise QueryError(f"{name} must be a whole number from 1 to {MAX_K}, got {k!r}")
 
 
 def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender:
