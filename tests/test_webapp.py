@@ -800,10 +800,10 @@ def test_browser_upload_results_and_item_page(browser, live_server, engine):
 def _serve_args(**values):
     import argparse
 
-    from webapp.cli import add_serve_arguments
+    from webapp.cli import add_arguments
 
     parser = argparse.ArgumentParser(prog="recommender serve")
-    add_serve_arguments(parser)
+    add_arguments(parser)
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in values.items()]
     return parser.parse_args(flags)
 
@@ -815,9 +815,9 @@ def test_serve_flags_and_defaults():
 
 def test_serve_fails_with_one_line_on_a_missing_bundle_or_a_busy_port(tmp_path, capsys, monkeypatch):
     import webapp
-    from webapp.cli import run_serve
+    from webapp.cli import run
 
-    assert run_serve(_serve_args(bundle=tmp_path / "missing", port=0)) == 1
+    assert run(_serve_args(bundle=tmp_path / "missing", port=0)) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: bundle not found: {tmp_path / 'missing'}"
 
     def must_not_load(config=None):
@@ -828,14 +828,14 @@ def test_serve_fails_with_one_line_on_a_missing_bundle_or_a_busy_port(tmp_path, 
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert run_serve(_serve_args(bundle=tmp_path, port=port)) == 1
+        assert run(_serve_args(bundle=tmp_path, port=port)) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}"
 
 
 def test_serve_prints_its_url_and_serves(tiny_bundle, capsys, monkeypatch):
     import werkzeug.serving
 
-    from webapp.cli import serve
+    from webapp import serve_bundle
 
     servers = []
     make_server = werkzeug.serving.make_server
@@ -846,7 +846,7 @@ def test_serve_prints_its_url_and_serves(tiny_bundle, capsys, monkeypatch):
 
     monkeypatch.setattr(werkzeug.serving, "make_server", keep_server)
     exit_codes = []
-    thread = threading.Thread(target=lambda: exit_codes.append(serve(tiny_bundle, "127.0.0.1", 0)), daemon=True)
+    thread = threading.Thread(target=lambda: exit_codes.append(serve_bundle(tiny_bundle, "127.0.0.1", 0)), daemon=True)
     thread.start()
     printed = ""
     deadline = time.monotonic() + 120

@@ -1,4 +1,5 @@
-"""Flask web app: ``create_app()`` builds the demo shop pages and the JSON API over one served bundle."""
+"""Flask web app: ``create_app()`` builds the demo shop pages and the JSON API over one served bundle;
+``serve_bundle()`` serves one on Flask's threaded server."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from collections.abc import Mapping
 from flask import Flask, g
 
 from webapp.config import ConfigError, WebConfig, resolve_config
+from webapp.server import DEFAULT_HOST, DEFAULT_PORT, serve_bundle
 
-__all__ = ["ConfigError", "WebConfig", "create_app"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ConfigError", "WebConfig", "create_app", "serve_bundle"]
 
 #: Sent with every response: no MIME sniffing, no framing, only our own scripts and styles.
 SECURITY_HEADERS = {
