@@ -7,6 +7,7 @@ recorded in the bundle and is only meaningful on generated images like these.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import replace
@@ -15,6 +16,7 @@ from pathlib import Path
 from recommender.backbones import BackboneSpec
 from recommender.bundle import read_manifest
 from recommender.config import BuildConfig
+from recommender.engine import DEFAULT_K
 from recommender.errors import BundleError, WeightsUnavailableError
 
 #: Demo catalog: 6 patterns x 5 colours x this many images each.
@@ -47,8 +49,8 @@ def run_demo(
     folder: Path | None = None,
     rebuild: bool = False,
     serve: bool = True,
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str | None = None,
+    port: int | None = None,
 ) -> int:
     """Builds (or reuses) the demo bundle, prints example queries as JSON lines, serves the page.
 
@@ -57,8 +59,8 @@ def run_demo(
         folder: where the catalog, queries, feature store and bundle go.
         rebuild: build a new bundle even if one exists.
         serve: end by serving the demo page (until Ctrl+C).
-        host: address of the demo page.
-        port: its port.
+        host: address of the demo page (None: the web app's default).
+        port: its port (None: the web app's default).
 
     Returns:
         Exit code 0.
@@ -133,7 +135,7 @@ def run_demo(
     recommender = load_bundle(bundle)
     _say("")
     for (pattern, _colour), path in zip(DEMO_QUERIES, paths):
-        answer = recommender.query(path, k=6, name=str(path))
+        answer = recommender.query(path, k=DEFAULT_K, name=str(path))
         print(json.dumps(answer, ensure_ascii=False))
         predicted = answer["predicted"]
         same = sum(n["labels"]["label"] == pattern for n in answer["neighbors"])
@@ -142,10 +144,10 @@ def run_demo(
             f"query {path.name}: predicted {' > '.join(answer['hierarchy']['path'])} "
             f"({predicted['label']['probability']:.2f}), colour {predicted['colour']['label']} "
             f"({predicted['colour']['probability']:.2f}), tags {tags}; "
-            f"{same}/6 neighbours have {pattern}: " + ", ".join(n["id"] for n in answer["neighbors"])
+            f"{same}/{DEFAULT_K} neighbours have {pattern}: " + ", ".join(n["id"] for n in answer["neighbors"])
         )
     colour = DEMO_QUERIES[0][1]
-    narrowed = recommender.query(paths[0], k=6, filters={"colour": colour})
+    narrowed = recommender.query(paths[0], k=DEFAULT_K, filters={"colour": colour})
     _say(
         f"query {paths[0].name} with filter colour={colour}: "
         + ", ".join(n["id"] for n in narrowed["neighbors"])
@@ -160,10 +162,44 @@ def run_demo(
     _say(f"try: python -m recommender query --bundle {bundle} {paths[0]}")
     if not serve:
         return 0
-    from webapp.cli import serve as serve_page
+    from webapp import DEFAULT_HOST, DEFAULT_PORT, serve_bundle
 
     _say("")
-    return serve_page(bundle, host, port)
+    return serve_bundle(bundle, DEFAULT_HOST if host is None else host, DEFAULT_PORT if port is None else port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``demo`` flags.
+
+    Args:
+        parser: the ``demo`` subcommand's parser.
+    """
+    from webapp import DEFAULT_HOST, DEFAULT_PORT
+
+    parser.add_argument(
+        "--weights",
+        default=BackboneSpec().weights,
+        help="imagenet (default; random init is used, and said, when it cannot be had), none, or PATH",
+    )
+    parser.add_argument("--folder", type=Path, default=None, help="demo folder (default: data/demo in the repository)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the demo bundle even if it exists")
+    parser.add_argument(
+        "--no-serve", action="store_true", help="print the example queries and exit, without serving the page"
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address of the demo page (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port of the demo page (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs :func:`run_demo` with flags from :func:`add_arguments`."""
+    return run_demo(
+        weights=args.weights,
+        folder=args.folder,
+        rebuild=args.rebuild,
+        serve=not args.no_serve,
+        host=args.host,
+        port=args.port,
+    )
 
 
 def _header(catalog_csv: Path) -> list[str]:

@@ -8,7 +8,7 @@ image is left out of its neighbours), finds the raw-feature baseline's neighbour
 way, and scores both with the library's metric functions into the ``metrics.json`` layout
 documented in :data:`METRICS_KEYS`. :func:`write_report` adds the plots and the HTML page
 (``indexer.report``) and writes the folder; :func:`evaluate_bundle` does both, and
-:func:`add_evaluate_arguments` / :func:`run_evaluate` are the ``evaluate`` subcommand. A bundle
+:func:`add_arguments` / :func:`run` are the ``evaluate`` subcommand. A bundle
 with a label hierarchy also gets per-level accuracy and the path score of its predicted paths;
 one with a tags column gets micro / macro precision, recall and F1 of its tags at its tuned
 thresholds and at 0.5. Bad input (unreadable or missing images, labels or tags the bundle
@@ -683,31 +683,27 @@ def _read_history(bundle: Path) -> dict:
 # -- the evaluate subcommand ---------------------------------------------------------------
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the ``evaluate`` subcommand's flags to a parser.
 
     Args:
         parser: the ``evaluate`` subparser (or a standalone parser).
     """
+    from indexer.commands.flags import add_catalog_columns
+    from recommender.engine import DEFAULT_K, MAX_K
+
     parser.add_argument("--bundle", required=True, type=Path, help="bundle folder to evaluate")
     parser.add_argument("--catalog", required=True, help="labelled test catalog: CSV or folder of class folders")
     parser.add_argument("--out", required=True, type=Path, help="report folder (created; report files replaced)")
-    parser.add_argument(
-        "--image-column", default="file", help="CSV column with image paths, relative to the CSV (default: %(default)s)"
-    )
-    parser.add_argument("--id-column", default=None, help="CSV column with ids (default: the image path is the id)")
-    parser.add_argument(
-        "--label-column",
-        action="append",
-        dest="label_columns",
-        metavar="COLUMN",
-        help="label column to score, repeatable (default: every label column of the bundle the catalog has)",
+    # The bundle knows its hierarchy and tags column and separator: only where the test catalog keeps what.
+    add_catalog_columns(
+        parser,
+        label_help="label column to score, repeatable (default: every label column of the bundle the catalog has)",
+        with_label_structure=False,
     )
     parser.add_argument(
-        "--split", action="append", dest="splits", metavar="NAME", help="keep only rows of this split (repeatable)"
+        "--k", type=int, default=DEFAULT_K, help=f"neighbours per query, 1..{MAX_K} (default: %(default)s)"
     )
-    parser.add_argument("--split-column", default="split", help="CSV column naming each row's split (default: split)")
-    parser.add_argument("--k", type=int, default=6, help="neighbours per query, 1..100 (default: 6)")
     parser.add_argument(
         "--feature-store",
         type=Path,
@@ -739,14 +735,14 @@ def _csv_header(source: str) -> list[str] | None:
         return None
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Runs ``evaluate``: loads the bundle, reads the test catalog, writes the report.
 
     Prints a summary to stderr and one JSON line (report paths and headline figures) to
     stdout.
 
     Args:
-        args: parsed flags from :func:`add_evaluate_arguments`.
+        args: parsed flags from :func:`add_arguments`.
 
     Returns:
         0 when the report was written (problems with the input are in the report).
@@ -758,11 +754,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """
     from recommender.catalog import read_catalog
     from recommender.config import default_feature_store
-    from recommender.engine import MAX_K, load_bundle
-    from recommender.errors import QueryError
+    from recommender.engine import check_k, load_bundle
 
-    if not 1 <= args.k <= MAX_K:
-        raise QueryError(f"--k must be from 1 to {MAX_K}, got {args.k}")
+    check_k(args.k, "--k")
     recommender = load_bundle(args.bundle)
     missing: list[str] = []
     if args.label_columns:

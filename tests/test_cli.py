@@ -159,7 +159,8 @@ def test_build_trains_and_indexes_a_class_of_one_photo(tmp_path, generated_catal
 
 
 def test_min_class_examples_is_a_build_and_rebuild_flag(tmp_path):
-    from recommender.cli import build_config_from_args, make_parser
+    from indexer.commands.flags import build_config_from_args
+    from recommender.cli import make_parser
 
     parser = make_parser()
     for command in (["build", "--out", str(tmp_path / "b")], ["rebuild", "--root", str(tmp_path)]):
@@ -167,3 +168,85 @@ def test_min_class_examples_is_a_build_and_rebuild_flag(tmp_path):
         assert build_config_from_args(args).min_class_examples == 0  # off by default
         args = parser.parse_args([*command, "--catalog", "c.csv", "--min-class-examples", "3"])
         assert build_config_from_args(args).min_class_examples == 3
+
+
+def test_every_command_in_the_table_has_a_parser_and_a_run():
+    import argparse
+
+    from recommender.cli import COMMANDS
+
+    assert len({command.name for command in COMMANDS}) == len(COMMANDS)
+    for command in COMMANDS:
+        module = command.load()
+        assert callable(module.add_arguments) and callable(module.run), command.name
+        parser = argparse.ArgumentParser(prog=f"recommender {command.name}")
+        module.add_arguments(parser)
+        assert parser.format_help()
+
+
+def test_help_lists_exactly_the_table_and_building_the_parser_loads_no_tensorflow():
+    code = (
+        "import sys; from recommender.cli import COMMANDS, make_parser; make_parser(); "
+        "print(' '.join(c.name for c in COMMANDS)); print('tensorflow' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    names, tensorflow_loaded = probe.stdout.split("\n")[:2]
+    assert tensorflow_loaded == "False", probe.stderr
+    result = run_cli("--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    # Under COMMAND, argparse gives each subcommand a line indented by four spaces.
+    assert re.findall(r"(?m)^    ([a-z]+) ", result.stdout) == names.split()
+
+
+def test_parser_defaults_are_the_config_defaults(tmp_path):
+    from indexer.commands.flags import build_config_from_args
+    from indexer.rebuild import RebuildConfig
+    from recommender.backbones import KERAS_APPLICATIONS
+    from recommender.cli import make_parser
+    from recommender.config import BuildConfig
+    from recommender.engine import DEFAULT_K
+    from webapp import DEFAULT_HOST, DEFAULT_PORT
+
+    parser = make_parser()
+    defaults = BuildConfig()
+    for command in (["build", "--out", str(tmp_path / "b")], ["rebuild", "--root", str(tmp_path)]):
+        args = parser.parse_args([*command, "--catalog", "c.csv"])
+        # Flags left out resolve to BuildConfig() itself (the feature store is the only path read
+        # from the environment, the same way on both sides).
+        assert build_config_from_args(args) == defaults
+        assert args.seed == defaults.train.seed == defaults.backbone.seed
+        assert args.max_bad_fraction == defaults.max_bad_fraction
+    for application in KERAS_APPLICATIONS:
+        args = parser.parse_args(["build", "--out", "b", "--catalog", "c.csv", "--backbone", application.name])
+        assert build_config_from_args(args).backbone.input_size == application.input_size
+    rebuild = parser.parse_args(["rebuild", "--root", str(tmp_path), "--catalog", "c.csv"])
+    job = RebuildConfig()
+    assert (rebuild.retrain, rebuild.retrain_threshold, rebuild.keep, rebuild.max_accuracy_drop) == (
+        job.retrain,
+        job.retrain_threshold,
+        job.keep,
+        job.max_accuracy_drop,
+    )
+    query = parser.parse_args(["query", "--bundle", "b", "x.jpg"])
+    evaluate = parser.parse_args(["evaluate", "--bundle", "b", "--catalog", "c.csv", "--out", "r"])
+    assert query.k == evaluate.k == DEFAULT_K
+    assert (evaluate.image_column, evaluate.id_column, evaluate.split_column) == (
+        defaults.image_column,
+        defaults.id_column,
+        defaults.split_column,
+    )
+    demo, serve = parser.parse_args(["demo"]), parser.parse_args(["serve"])
+    assert (demo.host, demo.port, demo.weights) == (DEFAULT_HOST, DEFAULT_PORT, defaults.backbone.weights)
+    assert (serve.host, serve.port) == (DEFAULT_HOST, DEFAULT_PORT)
+
+
+def test_query_and_evaluate_check_k_the_engine_way(tiny_bundle, tmp_path, capsys):
+    """The same range check and message; query's is a usage error (2), evaluate's a data error (1)."""
+    from recommender.engine import MAX_K
+
+    assert main(["query", "--bundle", str(tiny_bundle), "--k", str(MAX_K + 1), "x.jpg"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --k must be a whole number from 1 to {MAX_K}, got {MAX_K + 1}"
+    argv = ["evaluate", "--bundle", str(tiny_bundle), "--catalog", "c.csv", "--out", str(tmp_path / "r"), "--k", "0"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.strip() == f"error: --k must be a whole number from 1 to {MAX_K}, got 0"

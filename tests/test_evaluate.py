@@ -279,16 +279,16 @@ def check_documented_keys(metrics: dict, head: str) -> None:
 @pytest.fixture(scope="module")
 def cli_report(tiny_bundle, test_catalog, tmp_path_factory):
     """The report written through the ``evaluate`` command functions; returns (exit code, folder)."""
-    from indexer.evaluate import add_evaluate_arguments, run_evaluate
+    from indexer.evaluate import add_arguments, run
 
     parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
+    add_arguments(parser)
     out = tmp_path_factory.mktemp("report") / "report"
     args = parser.parse_args(
         ["--bundle", str(tiny_bundle), "--catalog", str(test_catalog), "--id-column", "id", "--out", str(out)]
         + ["--feature-store", str(tmp_path_factory.mktemp("report-store") / "features.h5")]
     )
-    return run_evaluate(args), out
+    return run(args), out
 
 
 def test_report_folder_has_valid_json_pngs_and_html(cli_report):

@@ -158,14 +158,14 @@ def attribute_test_catalog(tmp_path_factory) -> Path:
 
 
 def _run_evaluate(bundle: Path, catalog: Path, out: Path, *extra: str) -> dict:
-    from indexer.evaluate import add_evaluate_arguments, run_evaluate
+    from indexer.evaluate import add_arguments, run
 
     parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(
         ["--bundle", str(bundle), "--catalog", str(catalog), "--id-column", "id", "--out", str(out), *extra]
     )
-    assert run_evaluate(args) == 0
+    assert run(args) == 0
     return json.loads((out / "metrics.json").read_text())
 
 

@@ -344,7 +344,8 @@ def test_sigkill_at_any_point_leaves_current_working(photos, tmp_path):
 
     # The finished run equals a from-scratch build of the same catalog, same settings, fresh
     # feature store: same items, predictions and neighbours.
-    from recommender.cli import build_config_from_args, make_parser
+    from indexer.commands.flags import build_config_from_args
+    from recommender.cli import make_parser
 
     args = make_parser().parse_args(["rebuild", "--catalog", str(target), "--root", str(root), *JOB_FLAGS])
     build_bundle(

@@ -1,0 +1,238 @@
+"""Flags shared by the indexer's commands, with defaults read from :class:`BuildConfig`.
+
+:func:`add_catalog_columns` is the one definition of the catalog-column flags (build, rebuild
+and evaluate); :func:`add_build_settings` the backbone, training and index flags (build and
+rebuild); :func:`build_config_from_args` resolves both into one :class:`BuildConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # recommender.config loads the training stack's scikit-learn
+    from recommender.config import BuildConfig
+
+
+def add_catalog_columns(
+    parser: argparse.ArgumentParser, *, label_help: str, with_label_structure: bool = True
+) -> argparse._ArgumentGroup:
+    """Adds the flags that say where a catalog CSV keeps what, as one ``catalog columns`` group.
+
+    Args:
+        parser: a subcommand's parser.
+        label_help: what ``--label-column`` means to this command (heads to train, to score).
+        with_label_structure: also add ``--hierarchy``, ``--tags-column`` and
+            ``--tags-separator`` (``evaluate`` reads those from the bundle instead).
+
+    Returns:
+        The group, for callers that add more columns to it.
+    """
+    from recommender.config import BuildConfig
+
+    defaults = BuildConfig()
+    group = parser.add_argument_group("catalog columns")
+    group.add_argument(
+        "--image-column",
+        default=defaults.image_column,
+        help="CSV column with image paths, relative to the CSV's folder (default: %(default)s)",
+    )
+    group.add_argument(
+        "--id-column",
+        default=defaults.id_column,
+        help="CSV column with product ids (default: the image path is the id)",
+    )
+    group.add_argument("--label-column", action="append", dest="label_columns", metavar="COLUMN", help=label_help)
+    if with_label_structure:
+        group.add_argument(
+            "--hierarchy",
+            default=defaults.hierarchy,
+            metavar="A>B>C",
+            help="label columns from root to leaf forming a taxonomy, e.g. masterCategory>subCategory>articleType; "
+            "predictions always follow a path that occurs in the catalog (levels not given with --label-column "
+            "are added)",
+        )
+        group.add_argument(
+            "--tags-column",
+            default=defaults.tags_column,
+            help="column with several tags per product (one multi-label sigmoid head)",
+        )
+        group.add_argument(
+            "--tags-separator",
+            default=defaults.tags_separator,
+            help="separator of tags in one cell (default: %(default)s)",
+        )
+    group.add_argument(
+        "--split",
+        action="append",
+        dest="splits",
+        metavar="NAME",
+        help="keep only rows of this split (repeatable), read from --split-column",
+    )
+    group.add_argument(
+        "--split-column",
+        default=defaults.split_column,
+        help="CSV column naming each row's split (default: %(default)s)",
+    )
+    return group
+
+
+def build_label_help() -> str:
+    """``--label-column`` help of the commands that train heads (build, rebuild)."""
+    from recommender.config import BuildConfig
+
+    return (
+        "label column, repeatable: one head each; the primary class is the first, or the hierarchy's leaf "
+        f"with --hierarchy (default: {', '.join(BuildConfig().label_columns)}, or the hierarchy's levels)"
+    )
+
+
+def add_build_settings(parser: argparse.ArgumentParser) -> None:
+    """Adds the backbone, training and index flags of ``build`` and ``rebuild``.
+
+    Args:
+        parser: a subcommand's parser.
+    """
+    from recommender.backbones import KERAS_APPLICATIONS, list_backbones
+    from recommender.config import BuildConfig
+
+    defaults = BuildConfig()
+    keras_names = ", ".join(application.name for application in KERAS_APPLICATIONS)
+    parser.add_argument(
+        "--hierarchy-mode",
+        choices=("hierarchical", "combined"),
+        default=defaults.hierarchy_mode,
+        help="hierarchical: one head per level; combined: one head over full paths (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tag-thresholds",
+        choices=("global", "per_tag"),
+        default=defaults.tag_threshold_mode,
+        help="tune one threshold for all tags, or one per tag with enough examples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=defaults.backbone.name,
+        help="; ".join(f"{name}: {description}" for name, description in list_backbones().items())
+        + " (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=defaults.backbone.weights,
+        help=f"weights of a Keras backbone ({keras_names}): imagenet (Keras download/cache), none (random init), "
+        "or a weights file PATH; a tflite model carries its own (default: %(default)s)",
+    )
+    sizes = ", ".join(f"{application.name} {application.input_size}" for application in KERAS_APPLICATIONS)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help=f"backbone input size in pixels (default: the backbone's own: {sizes}; a tflite model's from its file)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=defaults.train.seed,
+        help="seed of the split, training and random init (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=defaults.max_bad_fraction,
+        help="fail when more than this share of rows is bad (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-class-examples",
+        type=non_negative_int,
+        default=defaults.min_class_examples,
+        metavar="N",
+        help="leave out (as bad rows) the rows of primary classes with fewer than N rows (default: %(default)s, "
+        "off: a class too small to hold a row out for validation trains on all its rows)",
+    )
+    parser.add_argument(
+        "--feature-store",
+        type=Path,
+        default=None,
+        help="HDF5 feature cache (default: $RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)",
+    )
+    parser.add_argument(
+        "--index",
+        choices=("auto", "flat", "hnsw"),
+        default=defaults.index_kind,
+        help="FAISS index kind (default: %(default)s = exact below 100,000 items)",
+    )
+    parser.add_argument(
+        "--no-flips",
+        action="store_true",
+        help="do not use mirrored images (no flip augmentation, no flip-averaged embeddings)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum training epochs (default: {defaults.train.max_epochs}; early stopping usually ends sooner)",
+    )
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number from 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
+    """Resolves the flags of :func:`add_catalog_columns` and :func:`add_build_settings` into one
+    :class:`BuildConfig` (the only place they are read).
+
+    Args:
+        args: parsed flags of ``build`` or ``rebuild``.
+
+    Returns:
+        ``BuildConfig()`` with every flag applied.
+
+    Raises:
+        CatalogError: a malformed ``--hierarchy``.
+    """
+    from recommender.backbones import BackboneSpec, default_input_size
+    from recommender.config import BuildConfig
+    from recommender.labels import parse_hierarchy
+
+    defaults = BuildConfig()
+    hierarchy = parse_hierarchy(args.hierarchy) if args.hierarchy else None
+    # With a hierarchy and no --label-column, the hierarchy's levels are the label columns.
+    label_columns = tuple(args.label_columns or (hierarchy or defaults.label_columns))
+    spec = BackboneSpec(
+        name=args.backbone,
+        weights=args.weights,
+        input_size=args.image_size or default_input_size(args.backbone),
+        seed=args.seed,
+    )
+    train = replace(defaults.train, seed=args.seed, **({"max_epochs": args.epochs} if args.epochs else {}))
+    return replace(
+        defaults,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        label_columns=label_columns,
+        hierarchy=hierarchy,
+        hierarchy_mode=args.hierarchy_mode,
+        tags_column=args.tags_column,
+        tags_separator=args.tags_separator,
+        tag_threshold_mode=args.tag_thresholds,
+        split_column=args.split_column,
+        splits=tuple(args.splits) if args.splits else None,
+        backbone=spec,
+        train=train,
+        flips=not args.no_flips,
+        flip_average=not args.no_flips,
+        index_kind=args.index,
+        max_bad_fraction=args.max_bad_fraction,
+        min_class_examples=args.min_class_examples,
+        feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
+    )

@@ -1,0 +1,51 @@
+"""``recommender status``: the artifact root's current bundle, bundles, lock and last runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the ``status`` flags.
+
+    Args:
+        parser: the ``status`` subcommand's parser.
+    """
+    parser.add_argument("--root", required=True, type=Path, help="artifact root")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prints :func:`indexer.artifacts.status` as text or JSON.
+
+    Args:
+        args: flags from :func:`add_arguments`.
+
+    Returns:
+        0.
+    """
+    from indexer.artifacts import status
+
+    report = status(args.root)
+    if args.json:
+        print(json.dumps(report, default=str))
+        return 0
+    print(f"root: {report['root']}")
+    print(f"current: {report['current'] or 'none (nothing published yet)'}")
+    print(f"lock: {report['lock'] or 'free'}")
+    print("bundles:")
+    for bundle in report["bundles"]:
+        mark = "*" if bundle["current"] else " "
+        detail = bundle.get("error") or f"{bundle['items']} items, created {bundle['created_at']}"
+        print(f"  {mark} {bundle['id']}  {detail}")
+    print("last runs:")
+    for entry in report["runs"]:
+        counts = entry.get("counts") or {}
+        changed = ", ".join(f"{k} {v}" for k, v in counts.items())
+        print(
+            f"  {entry['run_id']}  {entry['state']:<11s} "
+            f"{entry.get('bundle_id') or entry.get('reason') or entry.get('message') or ''}  {changed}"
+        )
+    return 0
