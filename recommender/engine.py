@@ -164,8 +164,7 @@ class Recommender:
         excluded_lists = [self._by_hash.get(raw.sha256, []) if exclude_self else [] for raw in raws]
         filtered = bool(filters or match_predicted)
         if not filtered:
-            widest = max(len(e) for e in excluded_lists)
-            result = self.index.search(embeddings, k + widest)
+            result = self.index.search_excluding(embeddings, excluded_lists, k)
         answers = []
         for i, image in enumerate(images):
             label = (
@@ -178,9 +177,7 @@ class Recommender:
                     applied[column] = [answer["predicted"][column]["label"]]
                 answer["neighbors"], answer["filter"] = self._filtered(embeddings[i], applied, excluded_lists[i], k)
             else:
-                answer["neighbors"] = self._neighbors(
-                    result.positions[i], result.distances[i], set(excluded_lists[i]), k
-                )
+                answer["neighbors"] = self._neighbors(result.positions[i], result.distances[i])
             answers.append(answer)
         return answers
 
@@ -213,8 +210,8 @@ class Recommender:
         if filters:
             answer["neighbors"], answer["filter"] = self._filtered(vector, filters, excluded, k)
         else:
-            result = self.index.search(vector[None, :], k + len(excluded))
-            answer["neighbors"] = self._neighbors(result.positions[0], result.distances[0], set(excluded), k)
+            result = self.index.search_excluding(vector[None, :], [excluded], k)
+            answer["neighbors"] = self._neighbors(result.positions[0], result.distances[0])
         return answer
 
     def item(self, item_id: str) -> CatalogRecord:
@@ -253,7 +250,7 @@ class Recommender:
             allowed[excluded] = False
         candidates = int(allowed.sum())
         result = self.index.search(vector[None, :].astype(np.float32), k, allowed=allowed)
-        neighbors = self._neighbors(result.positions[0], result.distances[0], set(), k)
+        neighbors = self._neighbors(result.positions[0], result.distances[0])
         report = {"applied": filters, "matching_items": matching, "complete": len(neighbors) == k}
         found = len(neighbors)
         if found < k and candidates > found:  # only an approximate (HNSW) walk can miss matching items
@@ -270,18 +267,17 @@ class Recommender:
                 )
         return neighbors, report
 
-    def _neighbors(self, positions: np.ndarray, distances: np.ndarray, excluded: set[int], k: int) -> list[dict]:
+    def _neighbors(self, positions: np.ndarray, distances: np.ndarray) -> list[dict]:
+        """The answer's neighbour entries for one row of search results (-1 padding skipped)."""
         found = []
         for position, distance in zip(positions, distances):
-            if position < 0 or int(position) in excluded:
+            if position < 0:
                 continue
             row = self.rows[int(position)]
             neighbor = {"id": row.id, "distance": float(distance), "labels": dict(row.labels), "image": row.image}
             if row.tags is not None:
                 neighbor["tags"] = list(row.tags)
             found.append(neighbor)
-            if len(found) == k:
-                break
         return found
 
 

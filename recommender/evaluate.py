@@ -452,29 +452,6 @@ def catalog_positions_by_hash(catalog_rows: Sequence[CatalogRecord]) -> dict[str
     return by_hash
 
 
-def drop_excluded(
-    positions: np.ndarray, distances: np.ndarray, excluded: list[set[int]], k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Keeps the first ``k`` neighbours of each query that are not in its excluded set.
-
-    Args:
-        positions: (n, m) int64 positions from a search with m >= k.
-        distances: (n, m) float32.
-        excluded: per query, catalog positions to leave out.
-        k: neighbours to keep.
-
-    Returns:
-        (n, k) positions (-1 padded) and (n, k) distances (inf padded).
-    """
-    kept_positions = np.full((len(positions), k), -1, np.int64)
-    kept_distances = np.full((len(positions), k), np.inf, np.float32)
-    for i, (row_positions, row_distances) in enumerate(zip(positions, distances)):
-        keep = [j for j, p in enumerate(row_positions) if p >= 0 and int(p) not in excluded[i]][:k]
-        kept_positions[i, : len(keep)] = row_positions[keep]
-        kept_distances[i, : len(keep)] = row_distances[keep]
-    return kept_positions, kept_distances
-
-
 def search_without_self(
     index, vectors: np.ndarray, hashes: list[str], by_hash: dict[str, list[int]], k: int, *, exclude_self: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -495,9 +472,8 @@ def search_without_self(
         (n, k) int64 positions nearest first, -1 padded, and (n, k) float32 distances, inf padded.
     """
     excluded = [set(by_hash.get(digest, ())) if exclude_self else set() for digest in hashes]
-    widest = max((len(positions) for positions in excluded), default=0)
-    found = index.search(vectors, min(k + widest, index.size))
-    return drop_excluded(found.positions, found.distances, excluded, k)
+    found = index.search_excluding(vectors, excluded, k)
+    return found.positions, found.distances
 
 
 def run_queries(

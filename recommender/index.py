@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,29 @@ class VectorIndex:
         distances = np.sqrt(np.maximum(squared, 0.0)).astype(np.float32)
         return SearchResult(positions=positions.astype(np.int64), distances=distances)
 
+    def search_excluding(self, queries: np.ndarray, excluded: Sequence[Collection[int]], k: int) -> SearchResult:
+        """The ``k`` nearest vectors of each query, leaving out that query's ``excluded`` positions.
+
+        This is how "the query itself" is left out of its neighbours: a query photo that is a
+        catalog item excludes every position with its image content (the engine and the
+        evaluation both pass those positions). Searches ``k`` plus the largest excluded set,
+        then keeps the first ``k`` others of each row, nearest first.
+
+        Args:
+            queries: (m, d) float32.
+            excluded: m collections of positions to leave out (empty: none).
+            k: neighbours per query.
+
+        Returns:
+            (m, k) int64 positions padded with -1 and (m, k) float32 distances padded with +inf.
+
+        Raises:
+            QueryError: as :meth:`search`.
+        """
+        widest = max((len(positions) for positions in excluded), default=0)
+        found = self.search(queries, k + widest)
+        return drop_excluded(found, excluded, k)
+
     def filter_method(self, allowed_count: int) -> str:
         """How a search allowing ``allowed_count`` items runs: ``"exact scan"`` or ``"hnsw + selector"``."""
         if self.kind == "flat" or allowed_count <= self.exact_scan_up_to:
@@ -236,3 +260,24 @@ class VectorIndex:
         else:
             raise BundleError(f"{path}: unsupported FAISS index type {type(index).__name__}")
         return cls(index, kind, use_gpu=use_gpu)
+
+
+def drop_excluded(found: SearchResult, excluded: Sequence[Collection[int]], k: int) -> SearchResult:
+    """Keeps the first ``k`` neighbours of each row of ``found`` that are not in its excluded set.
+
+    Args:
+        found: (m, n) positions and distances of a search with n >= k (or the whole index).
+        excluded: m collections of positions to leave out.
+        k: neighbours to keep.
+
+    Returns:
+        (m, k) positions (-1 padded) and (m, k) distances (+inf padded).
+    """
+    positions = np.full((len(found.positions), k), -1, np.int64)
+    distances = np.full((len(found.positions), k), np.inf, np.float32)
+    for i, (row_positions, row_distances) in enumerate(zip(found.positions, found.distances)):
+        left_out = excluded[i]
+        keep = [j for j, p in enumerate(row_positions) if p >= 0 and int(p) not in left_out][:k]
+        positions[i, : len(keep)] = row_positions[keep]
+        distances[i, : len(keep)] = row_distances[keep]
+    return SearchResult(positions=positions, distances=distances)

@@ -26,7 +26,6 @@ from recommender.errors import CatalogError
 from recommender.evaluate import (
     average_precision_at_k,
     classification_metrics,
-    drop_excluded,
     hit_rate_at_k,
     neighbor_relevance,
     precision_at_k,
@@ -110,16 +109,6 @@ def test_neighbor_relevance_treats_missing_neighbours_as_wrong():
     relevant = neighbor_relevance(rows, positions, ["a", "b"], "label")
     assert relevant.tolist() == [[True, True, False], [True, False, False]]
     assert precision_at_k(relevant) == pytest.approx(3 / 6)
-
-
-def test_drop_excluded_keeps_the_first_k_others_in_order():
-    positions = np.array([[4, 1, 7, 2], [3, 5, 6, 0]])
-    distances = np.array([[0.0, 1.0, 2.0, 3.0], [0.5, 1.5, 2.5, 3.5]], np.float32)
-    kept, kept_distances = drop_excluded(positions, distances, [{4}, set()], 2)
-    assert kept.tolist() == [[1, 7], [3, 5]]
-    assert kept_distances.tolist() == [[1.0, 2.0], [0.5, 1.5]]
-    padded, _ = drop_excluded(np.array([[4, -1]]), np.zeros((1, 2), np.float32), [{4}], 2)
-    assert padded.tolist() == [[-1, -1]]
 
 
 def test_relevant_totals_leave_out_the_query_itself():

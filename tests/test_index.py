@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recommender.errors import BundleError, QueryError
-from recommender.index import VectorIndex
+from recommender.index import SearchResult, VectorIndex, drop_excluded
 
 
 def brute_force(vectors, queries, k):
@@ -29,6 +29,34 @@ def test_flat_equals_numpy_brute_force(vectors):
     expected_positions, expected_distances = brute_force(vectors, queries, 6)
     assert np.array_equal(result.positions, expected_positions)
     assert np.allclose(result.distances, expected_distances, rtol=1e-4, atol=1e-3)
+
+
+def test_drop_excluded_keeps_the_first_k_others_in_order():
+    found = SearchResult(
+        positions=np.array([[4, 1, 7, 2], [3, 5, 6, 0]]),
+        distances=np.array([[0.0, 1.0, 2.0, 3.0], [0.5, 1.5, 2.5, 3.5]], np.float32),
+    )
+    kept = drop_excluded(found, [{4}, set()], 2)
+    assert kept.positions.tolist() == [[1, 7], [3, 5]]
+    assert kept.distances.tolist() == [[1.0, 2.0], [0.5, 1.5]]
+    padded = drop_excluded(SearchResult(np.array([[4, -1]]), np.zeros((1, 2), np.float32)), [{4}], 2)
+    assert padded.positions.tolist() == [[-1, -1]] and np.isinf(padded.distances).all()
+
+
+def test_search_excluding_equals_brute_force_over_the_others(vectors):
+    """What "leave the query itself out" means for the engine and the evaluation alike."""
+    index = VectorIndex.build(vectors, "flat", use_gpu=False)
+    queries = vectors[:20]
+    excluded = [{i, (i + 7) % 20} if i % 2 else set() for i in range(20)]  # some exclude a twin too
+    result = index.search_excluding(queries, excluded, 6)
+    for i, query in enumerate(queries):
+        others = [p for p in range(len(vectors)) if p not in excluded[i]]
+        order, distances = brute_force(vectors[others], query[None], 6)
+        assert result.positions[i].tolist() == [others[p] for p in order[0]]
+        assert np.allclose(result.distances[i], distances[0], rtol=1e-4, atol=1e-3)
+    tiny = VectorIndex.build(vectors[:3], "flat", use_gpu=False)
+    padded = tiny.search_excluding(vectors[:1], [{0}], 6)  # fewer items than asked: padded
+    assert sorted(padded.positions[0, :2].tolist()) == [1, 2] and padded.positions[0, 2:].tolist() == [-1] * 4
 
 
 def test_single_query_matches_batch(vectors):
