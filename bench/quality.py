@@ -102,6 +102,11 @@ CATALOGS = {
 }
 
 
+#: --quick (the test suite): the first rows of the seeded split's catalog and queries.
+QUICK_CATALOG_ROWS = 400
+QUICK_QUERY_ROWS = 120
+
+
 def seeded_split(rows, column: str, share: float = 0.2, min_class: int = 5, seed: int = 0):
     """Holds out ``share`` of each class with >= ``min_class`` rows as queries; rarer classes stay in the catalog."""
     rng = np.random.default_rng(seed)
@@ -119,8 +124,12 @@ def seeded_split(rows, column: str, share: float = 0.2, min_class: int = 5, seed
     return catalog, queries
 
 
-def load_features(spec: CatalogSpec, backbone, store):
-    """``(catalog ExtractionResult, query ExtractionResult, catalog bad rows)`` of one catalog."""
+def load_features(spec: CatalogSpec, backbone, store, quick: bool = False):
+    """``(catalog ExtractionResult, query ExtractionResult, catalog bad rows)`` of one catalog.
+
+    ``quick`` keeps the first :data:`QUICK_CATALOG_ROWS` catalog rows and :data:`QUICK_QUERY_ROWS`
+    query rows before extracting, so the test suite's run decodes only the photos it measures.
+    """
     from recommender.catalog import read_catalog
     from recommender.features import extract_features
 
@@ -134,6 +143,8 @@ def load_features(spec: CatalogSpec, backbone, store):
         catalog = read_catalog(source, label_columns=columns, splits=list(spec.catalog_splits))
         catalog_rows, bad = catalog.rows, catalog.bad_rows
         query_rows = read_catalog(source, label_columns=columns, splits=list(spec.query_splits)).rows
+    if quick:
+        catalog_rows, query_rows = catalog_rows[:QUICK_CATALOG_ROWS], query_rows[:QUICK_QUERY_ROWS]
     found = [extract_features(rows, backbone, store, flips=True) for rows in (catalog_rows, query_rows)]
     store.compact()
     return found[0], found[1], bad
@@ -212,12 +223,7 @@ def baselines(spec: CatalogSpec, catalog, queries) -> dict:
 
 def run_catalog(spec: CatalogSpec, backbone, store, seeds, config: TrainConfig, alone: str, quick: bool) -> dict:
     """Every measurement of one catalog."""
-    catalog, queries, bad = load_features(spec, backbone, store)
-    if quick:  # a small, fast version for the test suite: the first 600 catalog rows and 200 queries
-        catalog, queries = (
-            catalog.subset(list(range(min(600, len(catalog.rows))))),
-            queries.subset(list(range(min(200, len(queries.rows))))),
-        )
+    catalog, queries, bad = load_features(spec, backbone, store, quick)
     result = {
         "catalog_items": len(catalog.rows),
         "queries": len(queries.rows),
