@@ -1,4 +1,4 @@
-"""Shared fixtures: generated catalogs, bad images, and one tiny bundle built once per session.
+"""Shared fixtures: generated catalogs, bad images, the session's small bundles, the benchmarks' --quick runs.
 
 The tiny bundle uses the real pipeline end to end with a small real backbone: ResNet50 with
 random-init weights (``--weights none``) at 64 px, on generated patterned T-shirts that such
@@ -10,8 +10,12 @@ from __future__ import annotations
 import io
 import os
 import struct
+import subprocess
+import sys
+import time
 import zlib
-from dataclasses import replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +262,72 @@ GOOD_IMAGES = (
     "tiny",
 )
 BAD_IMAGES = ("zero_bytes", "truncated_jpeg", "text_file", "huge_png", "garbage")
+
+
+# -- the benchmarks' --quick runs ------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Every benchmark with a --quick run, in the order test_bench and test_bench_attributes ask for them.
+QUICK_SCRIPTS = ("extraction", "search", "query", "multihead", "filtered", "quality", "hierarchy", "tags")
+#: Seconds a --quick run may take (TensorFlow's import included); those that train models get longer.
+QUICK_TIMEOUTS = {"quality": 300, "hierarchy": 180, "tags": 180}
+#: --quick runs at a time. Each spends seconds importing TensorFlow and tracing models on one
+#: thread, so two at a time keep both cores of a small machine busy.
+QUICK_PARALLEL = 2
+
+
+@dataclass(frozen=True)
+class QuickRun:
+    """One finished ``bench/<script>.py --quick``: exit code, output, and its JSON as read right after."""
+
+    script: str
+    started: float
+    returncode: int
+    stdout: str
+    stderr: str
+    mtime: float | None
+    json_text: str | None
+
+
+def start_quick_run(script: str) -> QuickRun:
+    """Runs ``bench/<script>.py --quick`` to the end (in a worker thread of :func:`quick_runs`)."""
+    started = time.time()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=QUICK_TIMEOUTS.get(script, 120),
+        cwd=ROOT,
+    )
+    path = ROOT / "bench" / "results" / f"{script}-quick.json"
+    present = path.is_file()
+    return QuickRun(
+        script,
+        started,
+        done.returncode,
+        done.stdout,
+        done.stderr,
+        path.stat().st_mtime if present else None,
+        path.read_text() if present else None,
+    )
+
+
+@pytest.fixture(scope="session")
+def quick_runs(request):
+    """The --quick runs of the benchmarks this session selected, started at once, QUICK_PARALLEL at a time.
+
+    Returns script -> a future of its :class:`QuickRun`. The real-data one (quality) is not
+    started when ../shared is absent: its test skips.
+    """
+    selected = {item.name for item in request.session.items}
+    shared = CLOTHING.is_dir() and MOBILENET.is_file()
+    scripts = [s for s in QUICK_SCRIPTS if f"test_{s}_quick" in selected and (shared or s != "quality")]
+    pool = ThreadPoolExecutor(max_workers=QUICK_PARALLEL, thread_name_prefix="bench-quick")
+    request.addfinalizer(lambda: pool.shutdown(wait=True, cancel_futures=True))
+    return {script: pool.submit(start_quick_run, script) for script in scripts}
 
 
 def skip_without_shared():

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,30 +12,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def run_quick(script: str, timeout: int = 120) -> tuple[str, dict]:
-    """Runs ``bench/<script>.py --quick``; returns its stdout and the JSON it wrote."""
-    started = time.time()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def run_quick(quick_runs: dict, script: str) -> tuple[str, dict]:
+    """Waits for this session's ``bench/<script>.py --quick`` (conftest's ``quick_runs``) and checks it.
+
+    Returns:
+        Its stdout and the JSON it wrote.
+    """
+    run = quick_runs[script].result()
+    assert run.returncode == 0, run.stderr[-3000:]
     path = RESULTS / f"{script}-quick.json"
-    assert path.stat().st_mtime >= started - 1, f"{path} was not rewritten"
-    payload = json.loads(path.read_text())
+    assert run.mtime is not None and run.mtime >= run.started - 1, f"{path} was not rewritten"
+    payload = json.loads(run.json_text)
     assert payload["machine"]["cores"] == os.cpu_count()
     assert len(payload["load_average"]["before"]) == 3
-    assert "machine:" in done.stdout and f"wrote {path}" in done.stdout
-    return done.stdout, payload
+    assert "machine:" in run.stdout and f"wrote {path}" in run.stdout
+    return run.stdout, payload
 
 
-def test_extraction_quick():
-    output, payload = run_quick("extraction")
+def test_extraction_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "extraction")
     assert "(a) original" in output and "(b) pipeline" in output and "(c) bare" in output
     assert payload["results"], "no backbone measured"
     for result in payload["results"]:
@@ -49,8 +41,8 @@ def test_extraction_quick():
         assert result["images"] == 8
 
 
-def test_search_quick():
-    output, payload = run_quick("search")
+def test_search_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "search")
     methods = {row["method"] for row in payload["rows"]}
     assert methods == {
         "original (scipy loop)",
@@ -69,8 +61,8 @@ def test_search_quick():
             assert row["recall_at_6"] is None
 
 
-def test_query_quick():
-    output, payload = run_quick("query")
+def test_query_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "query")
     bundles = [result["bundle"] for result in payload["results"]]
     assert bundles == ["flip-averaged (default)", "no flips"]
     flipped, plain = payload["results"]
@@ -83,8 +75,8 @@ def test_query_quick():
         assert result["parts"]["classifier_in_numpy"]["max_relative_difference"] < 1e-4
 
 
-def test_multihead_quick():
-    output, payload = run_quick("multihead")
+def test_multihead_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "multihead")
     heads = payload["heads"]
     assert len(heads) >= 2
     for design in ("one_model", "separate_models"):
@@ -95,8 +87,8 @@ def test_multihead_quick():
     assert len(payload["separate_models"]["epochs"]) == len(heads)
 
 
-def test_filtered_quick():
-    output, payload = run_quick("filtered")
+def test_filtered_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "filtered")
     assert "target: filtered <= 2x unfiltered at >= 5% match" in output
     rows = payload["rows"]
     assert {(row["kind"], row["filter"]) for row in rows} == {
@@ -123,12 +115,12 @@ def test_filtered_quick():
 
 
 @pytest.mark.slow
-def test_quality_quick():
+def test_quality_quick(quick_runs):
     """The multi-catalog quality suite on a fashion-products-small subset: every head beside its probe."""
     from conftest import skip_without_shared
 
     skip_without_shared()
-    output, payload = run_quick("quality", timeout=300)
+    output, payload = run_quick(quick_runs, "quality")
     result = payload["catalogs"]["fashion-products-small"]
     summary = result["summary"]
     assert result["primary"] == "articleType" and len(result["heads"]) == 7
@@ -137,7 +129,7 @@ def test_quality_quick():
         for key in ("accuracy", "macro_f1"):
             assert 0.0 <= figures[key]["mean"] <= 1.0, (column, key)
         assert 0.0 < figures["probe_accuracy"] <= 1.0
-    # Even 3 epochs on 600 rows beat chance by far on the coarse heads; the probe is a real fit.
+    # Even 3 epochs on 400 rows beat chance by far on the coarse heads; the probe is a real fit.
     assert summary["heads"]["masterCategory"]["accuracy"]["mean"] > 0.8
     assert summary["heads"]["masterCategory"]["probe_accuracy"] > 0.8
     assert "alone_accuracy" in summary["heads"]["articleType"]

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_bench import run_quick as run_bench_quick
-
-
-def run_quick(script: str) -> tuple[str, dict]:
-    """``bench/<script>.py --quick`` (these two train models: a longer timeout)."""
-    return run_bench_quick(script, timeout=180)
+from test_bench import run_quick
 
 
 def check_comparison(comparison: dict, names: set[str], seeds: int) -> None:
@@ -21,8 +16,8 @@ def check_comparison(comparison: dict, names: set[str], seeds: int) -> None:
     assert (comparison["exceeds_spread"] is None) == (seeds == 1)
 
 
-def test_hierarchy_quick():
-    output, payload = run_quick("hierarchy")
+def test_hierarchy_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "hierarchy")
     assert payload["seeds"] == [0]
     assert payload["library_default_mode"] in ("hierarchical", "combined")
     # --quick trains on generated data only; clothing-small is skipped with its reason.
@@ -52,8 +47,8 @@ def test_hierarchy_quick():
     assert "path_score: " in output
 
 
-def test_tags_quick():
-    output, payload = run_quick("tags")
+def test_tags_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "tags")
     assert payload["seeds"] == [0]
     assert payload["library_default_mode"] in ("global", "per_tag")
     assert "clothing-small: not used" in output
