@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.artifacts import ArtifactRoot, RunLog, job_lock
-from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, verify_bundle
+from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, read_label_space, verify_bundle
 from recommender.config import BuildConfig
 from recommender.errors import GateError, RecommenderError
-from recommender.labels import LabelSpace
 from recommender.manifest import CatalogRecord, Manifest
 
 if TYPE_CHECKING:  # indexer.build loads the training stack: imported when a rebuild runs
@@ -248,7 +247,7 @@ def rebuild(
             changes, counts, failed = tally(prepared)
             reuse = None
             if current is not None:
-                space = LabelSpace.from_json(json.loads((current / "labels.json").read_text(encoding="utf-8")))
+                space = read_label_space(current)
                 reuse = check_reuse(space, prepared, trained_on=current_manifest.backbone.identity_key)
                 if reuse.reusable and not changes.any and config.retrain != "always":
                     return keep_current("nothing changed; current bundle kept")
@@ -268,7 +267,7 @@ def rebuild(
                         return keep_current(
                             "nothing to publish besides rows the current model cannot label; current bundle kept"
                         )
-                classifier, _ = read_classifier(current, current_manifest)
+                classifier, _ = read_classifier(current, current_manifest, label_space=space)
                 classifier.metrics = {**classifier.metrics, "reused_from": current.name}
             run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
             run.phase("build")

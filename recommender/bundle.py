@@ -204,12 +204,29 @@ def read_catalog_rows(bundle: Path, expected: int) -> list[CatalogRecord]:
     return rows
 
 
-def read_classifier(bundle: str | os.PathLike, manifest: Manifest | None = None):
+def read_label_space(bundle: str | os.PathLike):
+    """Reads a bundle's ``labels.json`` (heads, taxonomy, tags) as a ``labels.LabelSpace``.
+
+    Raises:
+        BundleError: the file is missing or malformed.
+    """
+    from recommender.labels import LabelSpace
+
+    path = Path(bundle) / "labels.json"
+    try:
+        return LabelSpace.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise BundleError(f"{path}: cannot read the label space ({error})") from None
+
+
+def read_classifier(bundle: str | os.PathLike, manifest: Manifest | None = None, label_space=None):
     """Loads a bundle's trained classifier (model, input scaler, classes, history, metrics).
 
     Args:
         bundle: a verified bundle folder.
         manifest: its manifest (read if not given).
+        label_space: its ``labels.LabelSpace`` when the caller has read it already
+            (:func:`read_label_space`).
 
     Returns:
         ``(classifier.TrainedClassifier, embedding StandardScaler)``.
@@ -221,13 +238,12 @@ def read_classifier(bundle: str | os.PathLike, manifest: Manifest | None = None)
     import numpy as np
 
     from recommender.classifier import TrainedClassifier
-    from recommender.labels import LabelSpace
     from recommender.scalers import scaler_from_arrays
 
     bundle = Path(bundle)
     manifest = manifest or read_manifest(bundle)
+    space = label_space or read_label_space(bundle)
     try:
-        space = LabelSpace.from_json(json.loads((bundle / "labels.json").read_text(encoding="utf-8")))
         history_path = bundle / "history.json"
         history = json.loads(history_path.read_text(encoding="utf-8")) if history_path.exists() else {}
         model = keras.saving.load_model(bundle / "model.keras", compile=False)
