@@ -90,6 +90,16 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+def _version() -> str:
+    """The installed package's version (``unknown`` when run from a source tree never installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recommender")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``python -m recommender``: one subparser per row of :data:`COMMANDS`.
 
@@ -105,6 +115,7 @@ def make_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         description="Visual similarity recommender: build a bundle from a catalog, then ask it about photos.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (library logs at INFO)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         subparser = subparsers.add_parser(command.name, help=command.help, description=command.description)

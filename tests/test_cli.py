@@ -199,6 +199,14 @@ def test_help_lists_exactly_the_table_and_building_the_parser_loads_no_tensorflo
     assert re.findall(r"(?m)^    ([a-z]+) ", result.stdout) == names.split()
 
 
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    result = run_cli("--version", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"recommender {version('recommender')}"
+
+
 def test_parser_defaults_are_the_config_defaults(tmp_path):
     from indexer.commands.flags import build_config_from_args
     from indexer.rebuild import RebuildConfig
