@@ -45,7 +45,7 @@ def tiny_build_config(feature_store: Path):
         id_column="id",
         label_columns=("label", "colour"),
         backbone=BackboneSpec(name="resnet50", weights="none", input_size=TINY_SIZE, seed=0),
-        train=TrainConfig(max_epochs=30, patience=5, dropout=0.5, learning_rate=1e-3),
+        train=TrainConfig(max_epochs=12, patience=3, dropout=0.5, learning_rate=1e-3),
         feature_store=feature_store,
     )
 
@@ -142,7 +142,7 @@ def combined_cli_build(generated_catalog, session_store, tmp_path_factory) -> tu
         code = main(
             ["build", "--catalog", str(generated_catalog), "--out", str(out), *common, "--label-column", "label",
              "--label-column", "colour", "--hierarchy", "department>family>label", "--hierarchy-mode", "combined",
-             "--tags-column", "tags", "--epochs", "20"]
+             "--tags-column", "tags", "--epochs", "12"]
         )  # fmt: skip
     return out, code, stderr.getvalue()
 

@@ -14,6 +14,12 @@ from recommender.errors import BundleError, CatalogError
 SINGLETON_ID = "single-grid"
 
 
+def short_training(config):
+    """``config`` with two epochs and no baseline check: for builds whose tests are about rows
+    and the feature cache, not about what the classifier learns."""
+    return replace(config, train=replace(config.train, max_epochs=2, baseline=False))
+
+
 def test_session_build_report(tiny_build):
     _, report = tiny_build
     assert report.items == 96 and report.bad_rows == [] and report.self_retrieval == 1.0
@@ -21,7 +27,7 @@ def test_session_build_report(tiny_build):
 
 
 def test_second_build_extracts_nothing(generated_catalog, tiny_config, tiny_build, tmp_path):
-    report = build_bundle(generated_catalog, tmp_path / "again", tiny_config)
+    report = build_bundle(generated_catalog, tmp_path / "again", short_training(tiny_config))
     assert report.extracted == 0 and report.cached == 96
 
 
@@ -49,7 +55,7 @@ def make_catalog_with_bad_rows(generated_catalog, tmp_path, image_files, bad_cou
 
 def test_bad_rows_are_left_out_and_reported(generated_catalog, tiny_config, tmp_path, image_files):
     catalog = make_catalog_with_bad_rows(generated_catalog, tmp_path, image_files, 5)
-    report = build_bundle(catalog, tmp_path / "b", replace(tiny_config, max_bad_fraction=0.06))
+    report = build_bundle(catalog, tmp_path / "b", replace(short_training(tiny_config), max_bad_fraction=0.06))
     reasons = {row["id"]: row["reason"] for row in report.bad_rows}
     assert report.items == 96 and len(reasons) == 5
     assert reasons["bad-missing"] == "image file not found"
