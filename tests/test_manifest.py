@@ -96,3 +96,19 @@ def test_malformed_catalog_record_names_line_and_field(edit, message, tiny_bundl
     with pytest.raises(BundleError) as raised:
         CatalogRecord.from_json(_broken(json.loads(line), edit), source="catalog.jsonl line 3")
     assert message in str(raised.value)
+
+
+def test_catalog_file_with_a_broken_line_names_file_and_line(tmp_path, tiny_bundle):
+    from recommender.bundle import read_catalog_rows
+
+    lines = (tiny_bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()[:3]
+    (tmp_path / "catalog.jsonl").write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n", encoding="utf-8")
+    with pytest.raises(BundleError, match=r"catalog.jsonl line 2: not valid JSON"):
+        read_catalog_rows(tmp_path, 3)
+    (tmp_path / "catalog.jsonl").write_bytes(lines[0].encode() + b"\n\xff\xfe\n")
+    with pytest.raises(BundleError, match=r"catalog.jsonl line 2: not valid JSON"):
+        read_catalog_rows(tmp_path, 2)
+    (tmp_path / "catalog.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [row.id for row in read_catalog_rows(tmp_path, 3)] == [json.loads(line)["id"] for line in lines]
+    with pytest.raises(BundleError, match="catalog.jsonl has 3 rows, the manifest says 4"):
+        read_catalog_rows(tmp_path, 4)
