@@ -156,7 +156,9 @@ def start_server(kind: str, bundle: Path, port: int, workers: int, threads: int)
             command += ["-k", "gthread", "--threads", str(threads)]
         command.append("webapp:create_app()")
     else:
-        code = f"import sys; from webapp.cli import serve; sys.exit(serve({str(bundle)!r}, '127.0.0.1', {port}))"
+        code = (
+            f"import sys; from webapp import serve_bundle; sys.exit(serve_bundle({str(bundle)!r}, '127.0.0.1', {port}))"
+        )
         command = [sys.executable, "-c", code]
     log = open(RESULTS / "web" / "server.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(

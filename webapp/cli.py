@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from webapp.server import DEFAULT_HOST, DEFAULT_PORT, serve_app, serve_bundle
-
-#: ``bench/web.py`` starts its server as ``webapp.cli.serve``; new callers use ``webapp.serve_bundle``.
-serve = serve_bundle
+from webapp.server import DEFAULT_HOST, DEFAULT_PORT, serve_app
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
