@@ -236,9 +236,9 @@ class HeadMetrics:
 class BuildMetrics:
     """The classifier's build metrics.
 
-    ``heads`` and the split sizes are typed; the rest (``hierarchy``, ``tags``, ``baseline``,
+    ``heads`` is typed; the rest (split sizes, ``hierarchy``, ``tags``, ``baseline``,
     ``config``, epochs ...) stays as recorded, read-only, in ``recorded`` and round-trips
-    unchanged. ``baseline`` is typed on demand (:meth:`baseline`).
+    unchanged; ``recommender.baseline.BuildBaseline.from_json`` reads ``get("baseline")``.
     """
 
     heads: Mapping[str, HeadMetrics]
@@ -265,13 +265,6 @@ class BuildMetrics:
         """The validation accuracy of ``column``'s head, None when not recorded."""
         head = self.heads.get(column)
         return head.validation_accuracy if head else None
-
-    def baseline(self):
-        """The build's baseline comparison (:class:`recommender.baseline.BuildBaseline`), or None."""
-        from recommender.baseline import BuildBaseline
-
-        payload = self.recorded.get("baseline")
-        return BuildBaseline.from_json(payload) if payload else None
 
     def to_json(self) -> dict:
         return _plain(self.recorded)
