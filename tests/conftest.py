@@ -323,14 +323,19 @@ def quick_runs(request):
     started when ../shared is absent: its test skips.
     """
     selected = {item.name for item in request.session.items}
-    shared = CLOTHING.is_dir() and MOBILENET.is_file()
+    shared = shared_present()
     scripts = [s for s in QUICK_SCRIPTS if f"test_{s}_quick" in selected and (shared or s != "quality")]
     pool = ThreadPoolExecutor(max_workers=QUICK_PARALLEL, thread_name_prefix="bench-quick")
     request.addfinalizer(lambda: pool.shutdown(wait=True, cancel_futures=True))
     return {script: pool.submit(start_quick_run, script) for script in scripts}
 
 
+def shared_present() -> bool:
+    """Whether ../shared (the clothing-small photos and the MobileNet model) is here."""
+    return CLOTHING.is_dir() and MOBILENET.is_file()
+
+
 def skip_without_shared():
     """Skips a real-data test when ../shared (datasets and models) is absent."""
-    if not CLOTHING.is_dir() or not MOBILENET.is_file():
+    if not shared_present():
         pytest.skip(f"real-data test needs {CLOTHING} and {MOBILENET} (the ../shared folder)")
