@@ -83,6 +83,8 @@ class LiveBundle:
         self._next_check = 0.0
         # Held only to decide whether to start a load: never while loading or serving.
         self._check_lock = threading.Lock()
+        #: Called with "swapped" or "refused" after each background reload (webapp.observability counts them).
+        self.listeners: list[Callable[[str], None]] = []
 
     def load_now(self) -> None:
         """Loads the bundle the pointer names, in this thread (at start-up).
@@ -193,12 +195,18 @@ class LiveBundle:
             old.bundle_id if old is not None else None,
             time.perf_counter() - started,
         )
+        self._notify("swapped")
 
     def _refuse(self, state: PointerState, message: str) -> None:
         self._failed_state = state
         self._failure = {"target": str(state.target), "message": message, "at": _iso_time(time.time())}
         serving = self._engine.bundle_id if self._engine is not None else None
         log.error("refused the new bundle at %s: %s; still serving bundle %s", state.target, message, serving)
+        self._notify("refused")
+
+    def _notify(self, outcome: str) -> None:
+        for listener in self.listeners:
+            listener(outcome)
 
 
 def _iso_time(seconds: float) -> str:
