@@ -37,6 +37,16 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: Fill colour for padding and for compositing transparent pixels.
 BACKGROUND = (255, 255, 255)
 
+#: Pillow's ``reducing_gap`` for the letterbox resize: box-reduce by whole factors while the
+#: image stays at least 3x the target, then resample bilinearly.
+REDUCING_GAP = 3.0
+
+#: Rows converted at a time when a large non-RGB image is reduced in bands (:func:`letterbox`).
+BAND_ROWS = 256
+
+#: Greyscale modes deeper than 8 bits: scaled to 8 bits, not clipped.
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO
 
 
@@ -84,7 +94,10 @@ def read_image_bytes(source: ImageSource) -> ImageBytes:
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Decodes encoded bytes into an upright RGB Pillow image.
+    """Decodes encoded bytes into an upright RGB Pillow image at full resolution.
+
+    :func:`load_image` does not use this for large images: it converts and reduces them in
+    bands of rows, so a 40 Mpx upload never holds a second full-size copy.
 
     Args:
         data: encoded image bytes (any format Pillow reads).
@@ -98,6 +111,11 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
     Raises:
         InvalidImageError: empty, not an image, truncated, or too many pixels.
     """
+    return _to_rgb(_open_oriented(data, max_pixels=max_pixels, draft_size=draft_size))
+
+
+def _open_oriented(data: bytes, *, max_pixels: int, draft_size: int | None) -> Image.Image:
+    """Decodes encoded bytes into an upright Pillow image in the file's own mode (RGB, P, I;16, ...)."""
     if not data:
         raise InvalidImageError("empty file (0 bytes)")
     try:
@@ -115,7 +133,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            # In place: without an orientation tag, exif_transpose would return a full-size copy.
+            ImageOps.exif_transpose(image, in_place=True)
     except InvalidImageError:
         raise
     except UnidentifiedImageError:
@@ -126,7 +145,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated"),
         # SyntaxError (broken PNG chunks) or ValueError.
         raise InvalidImageError(f"corrupt or truncated image ({error})") from None
-    return _to_rgb(image)
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -134,12 +153,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16/32-bit greyscale: Pillow's convert("L") clips instead of scaling.
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
-        grey = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+    if mode in HIGH_BIT_DEPTH_MODES:
+        return _high_bit_depth_to_rgb(image, _high_bit_depth_peak(image))
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -149,24 +164,88 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _high_bit_depth_peak(image: Image.Image) -> float:
+    """The value that becomes 255: 65535 if any pixel is above 255 (16-bit data), else 255.
+
+    ``getextrema`` scans the whole image in C without allocating, so a reduced copy gets
+    the same scaling as the full image.
+    """
+    _, highest = image.getextrema()
+    return 65535.0 if highest > 255 else 255.0
+
+
+def _high_bit_depth_to_rgb(image: Image.Image, peak: float) -> Image.Image:
+    """Scales 16/32-bit greyscale to 8 bits (``value / peak * 255``, rounded, clipped); Pillow's convert("L") clips."""
+    values = np.asarray(image, dtype=np.float64)  # callers pass a reduced image: a few Mpx at most
+    grey = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _letterbox_size(width: int, height: int, size: int) -> tuple[int, int]:
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _pad(resized: Image.Image, size: int) -> np.ndarray:
+    canvas = Image.new("RGB", (size, size), BACKGROUND)
+    canvas.paste(resized, ((size - resized.width) // 2, (size - resized.height) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
 def fit_square(image: Image.Image, size: int) -> np.ndarray:
     """Scales the longer side to ``size`` and pads the shorter with white, centred.
 
     Returns:
         (size, size, 3) uint8 array.
     """
+    resized = image.resize(_letterbox_size(*image.size, size), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+    return _pad(resized, size)
+
+
+def _reduction_factors(width: int, height: int, new_width: int, new_height: int) -> tuple[int, int]:
+    """The box-reduction factors Pillow's ``resize(..., reducing_gap=REDUCING_GAP)`` applies first."""
+    return (int(width / new_width / REDUCING_GAP) or 1, int(height / new_height / REDUCING_GAP) or 1)
+
+
+def letterbox(image: Image.Image, size: int) -> np.ndarray:
+    """Converts any mode to RGB and letterboxes it, never holding a second full-size copy.
+
+    The same pixels as ``fit_square(_to_rgb(image), size)``, at bounded cost. ``fit_square``
+    box-reduces by whole factors first, then resizes bilinearly. Each output pixel of the
+    box reduction depends on its own block of pixels only, so the conversion (alpha on white,
+    palette, CMYK, L) and the reduction can run one band of rows at a time: the converted
+    full-size image, 120 MB at 40 Mpx (and ~500 MB of intermediate copies for a palette or
+    RGBA image), never exists. 16-bit and float images are box-reduced in their own mode
+    before scaling to 8 bits (not bit-identical to scaling first, but finer: the average is
+    taken over 16-bit values).
+
+    Returns:
+        (size, size, 3) uint8 array.
+    """
     width, height = image.size
-    scale = size / max(width, height)
-    new_width = max(1, round(width * scale))
-    new_height = max(1, round(height * scale))
-    resized = image.resize((new_width, new_height), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    canvas = Image.new("RGB", (size, size), BACKGROUND)
-    canvas.paste(resized, ((size - new_width) // 2, (size - new_height) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    new_width, new_height = _letterbox_size(width, height, size)
+    factor_x, factor_y = _reduction_factors(width, height, new_width, new_height)
+    if image.mode == "RGB" or (factor_x == 1 and factor_y == 1):
+        return fit_square(_to_rgb(image), size)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        peak = _high_bit_depth_peak(image)
+        reduced = image.resize((-(-width // factor_x), -(-height // factor_y)), Image.Resampling.BOX)
+        return fit_square(_high_bit_depth_to_rgb(reduced, peak), size)
+    reduced = Image.new("RGB", (-(-width // factor_x), -(-height // factor_y)))
+    band_rows = max(1, BAND_ROWS // factor_y) * factor_y  # whole blocks only: the bands reduce independently
+    for top in range(0, height, band_rows):
+        band = _to_rgb(image.crop((0, top, width, min(height, top + band_rows))))
+        reduced.paste(band.reduce((factor_x, factor_y)), (0, top // factor_y))
+    # As Pillow's resize continues after its own reduction: the same box, in reduced pixels.
+    box = (0, 0, width / factor_x, height / factor_y)
+    return _pad(reduced.resize((new_width, new_height), Image.Resampling.BILINEAR, box=box), size)
 
 
 def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Loads one image for the backbone: decode, orient, RGB, letterbox to ``size``.
+
+    Cost is bounded for any image under ``max_pixels``: JPEGs decode at a reduced scale,
+    other formats are converted and reduced in bands (:func:`letterbox`).
 
     Args:
         source: a path, encoded bytes, or a binary file object.
@@ -180,7 +259,7 @@ def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_
         InvalidImageError: missing, empty, truncated, not an image, or too many pixels.
     """
     raw = source if isinstance(source, ImageBytes) else read_image_bytes(source)
-    return fit_square(decode_image(raw.data, max_pixels=max_pixels, draft_size=size), size)
+    return letterbox(_open_oriented(raw.data, max_pixels=max_pixels, draft_size=size), size)
 
 
 def load_image_with_hash(

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import io
+
 import numpy as np
 import pytest
 from conftest import BAD_IMAGES, GOOD_IMAGES
 from PIL import Image
 
 from recommender.errors import InvalidImageError
-from recommender.images import content_hash, load_image, load_image_with_hash, read_image_bytes
+from recommender.images import (
+    content_hash,
+    decode_image,
+    fit_square,
+    load_image,
+    load_image_with_hash,
+    read_image_bytes,
+)
 
 
 @pytest.mark.parametrize("name", GOOD_IMAGES)
@@ -112,3 +122,54 @@ def test_large_jpeg_is_decoded_at_reduced_scale_to_the_same_picture(tmp_path):
     small = load_image(path, 64)
     reference = np.asarray(Image.fromarray(big).resize((64, 48), Image.Resampling.BILINEAR))
     assert np.abs(small[8:56].astype(int) - reference.astype(int)).mean() < 4
+
+
+def _encoded(image: Image.Image, format: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+@functools.cache
+def _large_images() -> dict[str, bytes]:
+    """Non-RGB images large enough to be reduced in bands at 64 px (odd sizes: partial blocks).
+
+    641 px wide at 64 px is a reduction factor of 3, 901 rows are four bands (the last partial).
+    """
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (901, 641, 4), dtype=np.uint8)
+    palette = Image.fromarray(pixels[..., :3]).quantize(64)
+    return {
+        "rgba": _encoded(Image.fromarray(pixels)),
+        "la": _encoded(Image.fromarray(pixels[..., [0, 3]], "LA")),
+        "l": _encoded(Image.fromarray(pixels[..., 0])),
+        "palette_transparent": _encoded(palette, transparency=5),
+        "cmyk_jpeg": _encoded(Image.fromarray(pixels, "CMYK"), "JPEG"),
+        "portrait_rgba": _encoded(Image.fromarray(np.ascontiguousarray(pixels[:, :199]))),
+    }
+
+
+@pytest.mark.parametrize("name", ["rgba", "la", "l", "palette_transparent", "cmyk_jpeg", "portrait_rgba"])
+def test_banded_conversion_gives_the_pixels_of_a_full_size_conversion(name, size=64):
+    # load_image converts and reduces large images a band of rows at a time (bounded memory);
+    # the pixels must be those of converting the whole image to RGB, then letterboxing it.
+    data = _large_images()[name]
+    whole = fit_square(decode_image(data, draft_size=size), size)
+    assert np.array_equal(load_image(data, size), whole)
+
+
+def test_large_16_bit_image_is_reduced_before_scaling_and_keeps_the_full_images_peak():
+    # A 16-bit image is box-reduced in its own mode first (no float64 copy of the full image).
+    # Its scaling still comes from the full image: one bright pixel makes it 16-bit data.
+    ramp = np.tile(np.linspace(0, 250, 1800), (1400, 1))
+    values = ramp.astype(np.uint16)
+    values[0, 0] = 60000
+    array = load_image(_encoded(Image.fromarray(values)), 64)
+    assert array.shape == (64, 64, 3) and array[7:57].max() <= 2  # 250 / 65535 of full scale: near black
+
+    smooth = (ramp * 250).astype(np.uint16)  # 0..62500
+    reference = np.asarray(
+        Image.fromarray(np.round(smooth / 65535 * 255).astype(np.uint8)).resize((64, 50), Image.Resampling.BILINEAR)
+    )
+    reduced = load_image(_encoded(Image.fromarray(smooth)), 64)[7:57]
+    assert np.abs(reduced.astype(int) - reference.astype(int)).max() <= 2
