@@ -3,13 +3,21 @@
 Layout::
 
     ROOT/
-      bundles/<bundle id>/     immutable bundles (ids sort by creation time)
-      bundles/.<id>.tmp-*      a bundle being written (never published; removed by the next run)
+      staging/<bundle id>/     a new bundle, written and waiting for its validation gate (never
+                               offered by rollback or status' bundles; removed by the next run)
+      bundles/<bundle id>/     bundles that passed the gate (immutable; ids sort by creation time)
       rejected/<bundle id>/    bundles that failed the validation gate, kept for inspection
       current -> bundles/<id>  the pointer the web app follows, swapped with os.replace
+      published.jsonl          one line per publication (rebuild or rollback): what rollback may offer
       features.h5              the feature store shared across runs (+ features.h5.segments/)
       rebuild.lock             held (flock) by the running job; the kernel frees it if it dies
       runs/<run id>.json       one JSON log per run: phase, counts, timings, outcome
+
+A bundle's life: built into ``staging/``, checked by the gate, then renamed into ``bundles/``
+(:meth:`ArtifactRoot.promote`, one rename on the same file system) or into ``rejected/``;
+:meth:`ArtifactRoot.publish` then swaps ``current`` and records the publication. Rollback
+offers only bundles recorded as published (or the current one), so a bundle that never passed
+its gate, whatever killed its run, is never published.
 
 Whatever happens to a job (an error, SIGKILL at any moment), ``current`` points to a
 complete, verified bundle: :meth:`ArtifactRoot.publish` only ever replaces it, in one
@@ -33,7 +41,7 @@ from pathlib import Path
 from recommender.bundle import read_manifest, verify_bundle
 from recommender.checkpoints import checkpoint
 from recommender.errors import BundleError, JobLockedError, PublishError
-from recommender.files import atomic_write_json
+from recommender.files import atomic_write_bytes, atomic_write_json, storage_errors
 
 
 class ArtifactRoot:
@@ -42,6 +50,8 @@ class ArtifactRoot:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.bundles = self.root / "bundles"
+        self.staging = self.root / "staging"
+        self.published_log = self.root / "published.jsonl"
         self.rejected = self.root / "rejected"
         self.current = self.root / "current"
         self.feature_store = self.root / "features.h5"
@@ -64,26 +74,118 @@ class ArtifactRoot:
         return target
 
     def bundle_ids(self) -> list[str]:
-        """Ids of the complete bundles, oldest first."""
-        if not self.bundles.is_dir():
-            return []
-        return sorted(p.name for p in self.bundles.iterdir() if p.is_dir() and not p.name.startswith("."))
+        """Ids of the bundles in ``bundles/`` (those that passed a gate), oldest first."""
+        return _folder_ids(self.bundles)
 
-    def publish(self, bundle_id: str) -> None:
-        """Points ``current`` at ``bundles/<bundle_id>`` atomically (new symlink + os.replace)."""
+    def staged_ids(self) -> list[str]:
+        """Ids of the bundles in ``staging/``: being validated, or left by a killed run."""
+        return _folder_ids(self.staging)
+
+    def rejected_ids(self) -> list[str]:
+        """Ids of the bundles the gate refused, oldest first."""
+        return _folder_ids(self.rejected)
+
+    def staging_path(self, bundle_id: str) -> Path:
+        """Where a rebuild writes its new bundle, before the gate (``staging/<bundle_id>``)."""
+        return self.staging / bundle_id
+
+    def publications(self) -> list[dict]:
+        """The publication history, oldest first: ``{"bundle_id", "published_at", "run_id", "by"}``.
+
+        A root from before ``published.jsonl`` existed gets its history from its run logs
+        (each run that ended ``published`` names its bundle).
+
+        Raises:
+            PublishError: ``published.jsonl`` has a line that is not such a record.
+        """
+        if not self.published_log.exists():
+            return [
+                {"bundle_id": log["bundle_id"], "published_at": None, "run_id": log.get("run_id"), "by": "rebuild"}
+                for log in self.run_logs()
+                if log.get("state") == "published" and isinstance(log.get("bundle_id"), str)
+            ]
+        entries = []
+        for number, line in enumerate(self.published_log.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = None
+            if not isinstance(entry, dict) or not isinstance(entry.get("bundle_id"), str):
+                raise PublishError(f"{self.published_log} line {number}: not a publication record: {line[:80]!r}")
+            entries.append(entry)
+        return entries
+
+    def published_ids(self) -> set[str]:
+        """Ids of the bundles ever published here (recorded, or ``current`` itself)."""
+        current = self.current_bundle()
+        return {entry["bundle_id"] for entry in self.publications()} | ({current.name} if current else set())
+
+    def run_logs(self) -> list[dict]:
+        """Every readable run log, oldest first (an unreadable one is skipped)."""
+        logs = []
+        for path in sorted(self.runs.glob("*.json")) if self.runs.is_dir() else []:
+            try:
+                logs.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+        return logs
+
+    def promote(self, bundle_id: str) -> None:
+        """Moves a bundle that passed its gate from ``staging/`` into ``bundles/`` (one rename)."""
+        self.bundles.mkdir(parents=True, exist_ok=True)
+        os.replace(self.staging_path(bundle_id), self.bundles / bundle_id)
+        _fsync_directory(self.bundles)
+
+    def publish(self, bundle_id: str, *, run_id: str | None = None, by: str = "rebuild") -> None:
+        """Points ``current`` at ``bundles/<bundle_id>`` atomically (new symlink + os.replace)
+        and records the publication in ``published.jsonl``.
+
+        Args:
+            bundle_id: a bundle in ``bundles/``.
+            run_id: the run that publishes it (None for a rollback).
+            by: ``rebuild`` or ``rollback``.
+        """
         target = self.bundles / bundle_id
         if not (target / "manifest.json").is_file():
             raise PublishError(f"no complete bundle {bundle_id} in {self.bundles}")
+        history = self.publications()
         temp = self.root / f".current.{uuid.uuid4().hex[:8]}.tmp"
         os.symlink(Path("bundles") / bundle_id, temp)
         checkpoint("publish")  # the new link exists but is not yet current
         os.replace(temp, self.current)
         _fsync_directory(self.root)
+        # Recorded once it is true; a kill in between leaves it current, which counts as published.
+        history.append(
+            {
+                "bundle_id": bundle_id,
+                "published_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "run_id": run_id,
+                "by": by,
+            }
+        )
+        self.write_publications(history)
+
+    def write_publications(self, history: list[dict]) -> None:
+        """Rewrites ``published.jsonl`` atomically with ``history``."""
+        text = "".join(json.dumps(entry, sort_keys=True) + "\n" for entry in history)
+        atomic_write_bytes(self.published_log, text.encode("utf-8"))
+
+    def record_current(self) -> str | None:
+        """Records ``current`` as published if a killed run swapped it but did not record it."""
+        current = self.current_bundle()
+        if current is None:
+            return None
+        history = self.publications()
+        if current.name in {entry["bundle_id"] for entry in history}:
+            return None
+        history.append({"bundle_id": current.name, "published_at": None, "run_id": None, "by": "rebuild"})
+        self.write_publications(history)
+        return current.name
 
     def reject(self, bundle_id: str) -> None:
-        """Moves ``bundles/<bundle_id>`` to ``rejected/`` (kept for inspection, never published)."""
+        """Moves ``staging/<bundle_id>`` to ``rejected/`` (kept for inspection, never published)."""
         self.rejected.mkdir(parents=True, exist_ok=True)
-        os.replace(self.bundles / bundle_id, self.rejected / bundle_id)
+        os.replace(self.staging_path(bundle_id), self.rejected / bundle_id)
 
     def prune(self, keep: int) -> list[str]:
         """Removes the oldest bundles beyond ``keep`` (never the current one); returns their ids."""
@@ -99,8 +201,15 @@ class ArtifactRoot:
         return removed
 
     def remove_leftovers(self) -> list[str]:
-        """Removes what a killed run left: half-written bundles and temp symlinks."""
+        """Removes what a killed run left: staged bundles (whole or half-written), temp symlinks.
+
+        Call it holding the job lock: no other run can be staging then.
+        """
         found = []
+        for path in sorted(self.staging.iterdir()) if self.staging.is_dir() else []:
+            shutil.rmtree(path, ignore_errors=True)
+            found.append(f"staging/{path.name}")
+        # Temp folders of bundles built in place by earlier versions.
         for path in (
             list(self.bundles.glob(".*.tmp-*")) + list(self.bundles.glob(".*.old-*")) if self.bundles.is_dir() else []
         ):
@@ -110,6 +219,13 @@ class ArtifactRoot:
             path.unlink(missing_ok=True)
             found.append(path.name)
         return found
+
+
+def _folder_ids(folder: Path) -> list[str]:
+    """Names of the sub-folders of ``folder`` that are not temp folders (dot names), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _fsync_directory(path: Path) -> None:
@@ -142,10 +258,12 @@ def job_lock(root: ArtifactRoot) -> Iterator[None]:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise JobLockedError(f"another rebuild is running on {root.root} ({holder})") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}")
-        handle.flush()
+        holder = f"pid {os.getpid()} since {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}"
+        with storage_errors(root.lock_path):
+            handle.seek(0)
+            handle.truncate()
+            # Unbuffered: a failed write must not be retried (and raised again) by close().
+            os.write(handle.fileno(), holder.encode())
         yield
     finally:
         handle.close()
@@ -203,65 +321,76 @@ class RunLog:
 
 
 def rollback(root: str | os.PathLike, to: str | None = None) -> dict:
-    """Points ``current`` back at an earlier bundle (default: the newest one older than current).
+    """Points ``current`` back at an earlier published bundle (default: the newest one older than current).
+
+    Only bundles recorded as published (``published.jsonl``) are offered: never one that is
+    staged, was refused, or sits in ``bundles/`` without a record of passing its gate.
 
     Raises:
         JobLockedError: a rebuild is running.
-        PublishError: no such bundle, or nothing older to roll back to.
+        PublishError: no such published bundle, or nothing older to roll back to.
         BundleError: the target bundle does not verify.
     """
     artifacts = ArtifactRoot(root)
     with job_lock(artifacts):
         current = artifacts.current_bundle()
-        ids = artifacts.bundle_ids()
+        published = artifacts.published_ids()
+        ids = [bundle_id for bundle_id in artifacts.bundle_ids() if bundle_id in published]
         if to is None:
             older = [i for i in ids if current is None or i < current.name]
             if not older:
                 raise PublishError(
-                    f"no bundle older than {current.name if current else 'none'} to roll back to; bundles: {', '.join(ids) or 'none'}"
+                    f"no published bundle older than {current.name if current else 'none'} to roll back to; "
+                    f"published: {', '.join(ids) or 'none'}"
                 )
             to = older[-1]
         if to not in ids:
-            raise PublishError(f"no bundle {to!r} in {artifacts.bundles}; bundles: {', '.join(ids) or 'none'}")
+            raise PublishError(
+                f"no published bundle {to!r} in {artifacts.bundles} (only bundles that passed the gate and were "
+                f"published can be rolled back to); published: {', '.join(ids) or 'none'}"
+            )
         verify_bundle(artifacts.bundles / to)
-        artifacts.publish(to)
+        artifacts.publish(to, by="rollback")
         return {"current": to, "previous": current.name if current else None}
 
 
 def status(root: str | os.PathLike, runs: int = 5) -> dict:
-    """What is published, what is on disk, the lock, and the last runs (JSON-ready)."""
+    """What is published, what is on disk, the lock, and the last runs (JSON-ready).
+
+    ``bundles`` lists ``bundles/`` with ``published`` (whether rollback may offer it);
+    ``staged`` the bundles in ``staging/`` (``waiting for its gate`` while a run holds the lock,
+    else ``left by an interrupted run``, removed by the next run); ``rejected`` the refused ones.
+    """
     artifacts = ArtifactRoot(root)
     if not artifacts.root.is_dir():
         raise PublishError(f"artifact root not found: {artifacts.root}")
     current = artifacts.current_bundle()
+    published = artifacts.published_ids()
     bundles = []
     for bundle_id in artifacts.bundle_ids():
+        entry = {
+            "id": bundle_id,
+            "current": current is not None and current.name == bundle_id,
+            "published": bundle_id in published,
+        }
         try:
             manifest = read_manifest(artifacts.bundles / bundle_id)
-            bundles.append(
-                {
-                    "id": bundle_id,
-                    "items": manifest.counts.items,
-                    "created_at": manifest.created_at,
-                    "current": current is not None and current.name == bundle_id,
-                }
-            )
+            entry.update(items=manifest.counts.items, created_at=manifest.created_at)
         except BundleError as error:
-            bundles.append({"id": bundle_id, "error": str(error), "current": False})
-    logs = []
-    for path in sorted(artifacts.runs.glob("*.json"))[-runs:] if artifacts.runs.is_dir() else []:
-        try:
-            logs.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
+            entry.update(error=str(error))
+        bundles.append(entry)
+    logs = artifacts.run_logs()[-runs:]
     holder = lock_holder(artifacts)
     for entry in logs:
         if entry.get("state") == "running" and holder is None:
             entry["state"] = "interrupted"  # its process is gone: the lock is free
+    staged_state = "waiting for its gate" if holder else "left by an interrupted run"
     return {
         "root": str(artifacts.root),
         "current": current.name if current else None,
         "bundles": bundles,
+        "staged": [{"id": bundle_id, "state": staged_state} for bundle_id in artifacts.staged_ids()],
+        "rejected": artifacts.rejected_ids(),
         "lock": holder,
         "runs": logs,
     }

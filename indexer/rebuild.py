@@ -5,7 +5,9 @@ features come from the root's feature store (only new photos go through the back
 :func:`diff_catalog` counts what changed, :func:`decide_retrain` chooses between a new
 classifier and the current one, and the new bundle is published only once it is written,
 loaded and passed :func:`validation_gate`, so ``current`` always points to a bundle that
-loads and answers. The artifact root itself (layout, atomic publish, the job lock, run
+loads and answers. Until its gate passes the new bundle lives in ``staging/``, which
+rollback and status never offer; only then is it renamed into ``bundles/`` and published.
+The artifact root itself (layout, atomic publish, the job lock, run
 logs, rollback, status) is :mod:`indexer.artifacts`.
 """
 
@@ -22,6 +24,7 @@ import numpy as np
 
 from indexer.artifacts import ArtifactRoot, RunLog, job_lock
 from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, read_label_space, verify_bundle
+from recommender.checkpoints import checkpoint
 from recommender.config import BuildConfig
 from recommender.errors import GateError, RecommenderError
 from recommender.manifest import CatalogRecord, Manifest
@@ -209,7 +212,8 @@ def rebuild(
 
     Raises:
         JobLockedError: another rebuild runs on this root.
-        GateError: the new bundle was refused (moved to ``rejected/``; ``current`` untouched).
+        GateError: the new bundle was refused (moved from ``staging/`` to ``rejected/``;
+            ``current`` untouched).
         CatalogError, TrainingError, ...: as for a build; ``current`` untouched.
     """
     from indexer.build import build_bundle, check_reuse, drop_unknown_labels, load_catalog, prepare_catalog
@@ -224,6 +228,9 @@ def rebuild(
             leftovers = artifacts.remove_leftovers()
             if leftovers:
                 log.warning("removed leftovers of an interrupted run: %s", ", ".join(leftovers))
+                run.data["removed_leftovers"] = leftovers
+            if artifacts.record_current():
+                log.warning("recorded current as published (its run was killed after swapping it)")
             current = artifacts.current_bundle()
             current_manifest = verify_bundle(current) if current else None
             current_rows = read_catalog_rows(current, current_manifest.counts.items) if current else []
@@ -272,20 +279,23 @@ def rebuild(
             run.data.update(counts=counts, failed=failed, retrain=retrain, retrain_reason=reason)
             run.phase("build")
             bundle_id = new_bundle_id()
-            report = build_bundle(
-                prepared, artifacts.bundles / bundle_id, build_config, classifier=classifier, bundle_id=bundle_id
-            )
+            # Staged until the gate passes: nothing (rollback, status' bundles) offers staging/.
+            run.data["staged"] = bundle_id
+            staged = artifacts.staging_path(bundle_id)
+            report = build_bundle(prepared, staged, build_config, classifier=classifier, bundle_id=bundle_id)
 
             run.phase("gate")
+            checkpoint("gate")  # a complete bundle not yet validated: a kill here must leave it unoffered
             try:
-                findings = validation_gate(artifacts.bundles / bundle_id, current_manifest, config, retrained=retrain)
+                findings = validation_gate(staged, current_manifest, config, retrained=retrain)
             except GateError as error:
                 artifacts.reject(bundle_id)
                 run.finish("refused", reason=str(error), rejected=bundle_id)
                 raise
 
             run.phase("publish")
-            artifacts.publish(bundle_id)
+            artifacts.promote(bundle_id)
+            artifacts.publish(bundle_id, run_id=run.run_id)
             pruned = artifacts.prune(config.keep)
             return run.finish(
                 "published",

@@ -148,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         # The reader went away (e.g. `| head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as error:
+        # A full disk inside a library we do not wrap (e.g. Keras saving the model): one line too.
+        from recommender.files import storage_error
+
+        typed = storage_error(error)
+        if typed is None:
+            raise
+        print(f"error: {typed}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def main_entry() -> None:

@@ -32,7 +32,15 @@ class WeightsUnavailableError(BackboneError):
 
 
 class FeatureStoreError(RecommenderError):
-    """The HDF5 feature store is unreadable or was written for another backbone."""
+    """The HDF5 feature store is unreadable, was written for another backbone, or holds non-finite features.
+
+    Attributes:
+        digests: the sha256 of the images whose features are at fault, where known.
+    """
+
+    def __init__(self, message: str, digests: list[str] | None = None):
+        super().__init__(message)
+        self.digests = list(digests or [])
 
 
 class TrainingError(RecommenderError):
@@ -61,3 +69,15 @@ class GateError(RecommenderError):
 
 class PublishError(RecommenderError):
     """The artifact root's layout does not allow publishing or rolling back as asked."""
+
+
+class StorageError(RecommenderError):
+    """A file could not be written for lack of space (disk full, ``ENOSPC``, or quota exceeded, ``EDQUOT``).
+
+    Attributes:
+        path: the file or folder being written.
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path

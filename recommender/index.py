@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recommender.errors import BundleError, QueryError
+from recommender.files import NO_SPACE_ERRNOS, storage_error
 
 #: Catalog size from which ``kind="auto"`` builds an approximate (HNSW) index. Below it exact
 #: search of 512-d vectors costs a few ms per query on one core (see README "Performance").
@@ -234,10 +235,21 @@ class VectorIndex:
         return np.asarray(self.cpu_index.reconstruct(int(position)), dtype=np.float32)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the CPU version of the index to ``path``."""
+        """Writes the CPU version of the index to ``path``.
+
+        Raises:
+            StorageError: the disk is full or the quota exceeded.
+        """
         import faiss
 
-        faiss.write_index(self.cpu_index, str(path))
+        try:
+            faiss.write_index(self.cpu_index, str(path))
+        except RuntimeError as error:
+            # FAISS reports a failed write as a RuntimeError quoting strerror, not as an OSError.
+            for code in NO_SPACE_ERRNOS:
+                if os.strerror(code) in str(error):
+                    raise storage_error(OSError(code, os.strerror(code)), path) from None
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, use_gpu: bool = True) -> VectorIndex:

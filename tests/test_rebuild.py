@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +28,10 @@ JOB_FLAGS = ["--id-column", "id", "--label-column", "label", "--label-column", "
 JOB_FLAGS += ["--image-size", "64", "--epochs", "4", "--retrain", "always", "--max-accuracy-drop", "1"]
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """A generated catalog (3 patterns x 2 colours x 6) plus 6 extra photos not in it."""
+def make_photos(folder: Path) -> tuple[Path, list[dict], list[dict]]:
+    """A generated catalog (3 patterns x 2 colours x 6) plus 6 extra photos not in it, in ``folder``."""
     from recommender.synthetic import generate_catalog
 
-    folder = tmp_path_factory.mktemp("rebuild-photos")
     generate_catalog(
         folder, per_class=6, patterns=("plain", "stripes", "dots"), colours=("red", "blue"), size=64, seed=3
     )
@@ -44,6 +43,12 @@ def photos(tmp_path_factory):
     with open(folder / "extra" / "catalog.csv", newline="") as handle:
         extra = [{**row, "id": "new-" + row["id"], "file": "extra/" + row["file"]} for row in csv.DictReader(handle)]
     return folder, rows, extra
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """:func:`make_photos`, once per module."""
+    return make_photos(tmp_path_factory.mktemp("rebuild-photos"))
 
 
 def write_catalog(folder: Path, name: str, rows: list[dict]) -> Path:
@@ -152,7 +157,25 @@ def test_gate_refusal_leaves_current_untouched(photos, build_config, tmp_path):
     assert (root / "current").resolve().name == current
     rejected = list((root / "rejected").iterdir())
     assert len(rejected) == 1 and rejected[0].name not in ArtifactRoot(root).bundle_ids()
-    assert status(root)["runs"][-1]["state"] == "refused"
+    report = status(root)
+    assert report["runs"][-1]["state"] == "refused" and report["rejected"] == [rejected[0].name]
+    assert report["staged"] == [] and not (root / "staging" / rejected[0].name).exists()
+    with pytest.raises(PublishError, match=rf"no published bundle {rejected[0].name!r}"):
+        rollback(root, rejected[0].name)
+
+    # A complete, verifying bundle in bundles/ that no run recorded as published (what a run
+    # killed in its gate used to leave there) is listed as such and never offered.
+    unrecorded = "29991231T235959Z-abcdef"
+    shutil.copytree(root / "bundles" / current, root / "bundles" / unrecorded)
+    listed = {bundle["id"]: bundle for bundle in status(root)["bundles"]}
+    assert listed[current]["published"] and not listed[unrecorded]["published"]
+    with pytest.raises(PublishError, match=rf"no published bundle {unrecorded!r}.*published: {current}$"):
+        rollback(root, unrecorded)
+    # A root from before published.jsonl: the history comes from its run logs.
+    (root / "published.jsonl").unlink()
+    assert ArtifactRoot(root).published_ids() == {current}
+    with pytest.raises(PublishError, match=rf"no published bundle {unrecorded!r}"):
+        rollback(root, unrecorded)
 
 
 def test_gate_compares_the_hierarchy_leaf(tiny_bundle, generated_catalog, session_store, tmp_path):
@@ -220,9 +243,9 @@ def test_rollback_and_pruning(photos, build_config, tmp_path):
     assert rollback(root) == {"current": ids[1], "previous": ids[2]}
     assert (root / "current").resolve().name == ids[1]
     assert len(bundle_rows(root)) == 37
-    with pytest.raises(PublishError, match="no bundle older"):
+    with pytest.raises(PublishError, match="no published bundle older"):
         rollback(root)
-    with pytest.raises(PublishError, match="no bundle 'nope'"):
+    with pytest.raises(PublishError, match="no published bundle 'nope'"):
         rollback(root, "nope")
     rollback(root, ids[2])
     # Pruning never removes the current bundle, even when it is the oldest.
@@ -278,7 +301,7 @@ def current_answers(root: Path, queries: list[Path]) -> list[tuple]:
 
 #: Where the fault-injection test may kill the job besides "publish", in pipeline order: the
 #: named checkpoints (recommender.checkpoints) and "moment", a SIGKILL 1-9 s after the start.
-KILL_POINTS = ("features", "train", "write", "moment")
+KILL_POINTS = ("features", "train", "write", "gate", "moment")
 #: How many of them each test run samples (every run also kills at "publish").
 KILLS_PER_RUN = 2
 #: Set to a seed a failed run printed to kill at the same points again.
@@ -292,7 +315,7 @@ def kill_plan() -> tuple[int, list[tuple[str, float | None]]]:
     seed = int(os.environ.get(KILL_SEED_VARIABLE) or np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
     chosen = {str(point) for point in rng.choice(KILL_POINTS, size=KILLS_PER_RUN, replace=False)}
-    order = ("features", "train", "write", "publish", "moment")
+    order = ("features", "train", "write", "gate", "publish", "moment")
     return seed, [
         (point, float(rng.uniform(1.0, 9.0)) if point == "moment" else None)
         for point in order
@@ -302,7 +325,7 @@ def kill_plan() -> tuple[int, list[tuple[str, float | None]]]:
 
 def test_sigkill_at_any_point_leaves_current_working(photos, tmp_path):
     """Kills the job while publishing and at a seeded sample of other points (extraction,
-    training, bundle writing, a random moment); ``current`` must keep answering and the next
+    training, bundle writing, the gate, a random moment); ``current`` must keep answering and the next
     run must publish. The seed is printed; REBUILD_KILL_SEED=N replays a run's points."""
     from indexer.build import build_bundle
 
@@ -341,6 +364,8 @@ def test_sigkill_at_any_point_leaves_current_working(photos, tmp_path):
     summary = json.loads(final.output.strip().splitlines()[-1])
     assert summary["state"] == ("unchanged" if finished else "published"), replay
     assert not [p for p in (root / "bundles").iterdir() if p.name.startswith(".")], replay  # no half bundles
+    assert ArtifactRoot(root).staged_ids() == [], replay  # what killed runs staged is gone
+    assert set(ArtifactRoot(root).bundle_ids()) <= ArtifactRoot(root).published_ids(), replay
 
     # The finished run equals a from-scratch build of the same catalog, same settings, fresh
     # feature store: same items, predictions and neighbours.

@@ -1,4 +1,4 @@
-"""``recommender status``: the artifact root's current bundle, bundles, lock and last runs."""
+"""``recommender status``: the artifact root's current bundle, bundles (published, staged, rejected), lock and last runs."""
 
 from __future__ import annotations
 
@@ -35,11 +35,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"root: {report['root']}")
     print(f"current: {report['current'] or 'none (nothing published yet)'}")
     print(f"lock: {report['lock'] or 'free'}")
-    print("bundles:")
+    print("bundles (* current):")
     for bundle in report["bundles"]:
         mark = "*" if bundle["current"] else " "
         detail = bundle.get("error") or f"{bundle['items']} items, created {bundle['created_at']}"
+        if not bundle["published"]:
+            detail += "; never published, not a rollback target"
         print(f"  {mark} {bundle['id']}  {detail}")
+    for staged in report["staged"]:
+        print(f"  staged {staged['id']}  {staged['state']}; not a rollback target")
+    for rejected in report["rejected"]:
+        print(f"  rejected {rejected}  refused by the gate (in rejected/)")
     print("last runs:")
     for entry in report["runs"]:
         counts = entry.get("counts") or {}
