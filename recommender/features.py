@@ -13,6 +13,11 @@ small segment file (``features.h5.segments/*.h5``, temp file + ``os.replace``), 
 killed at any moment loses at most the batch in flight, and the main file is rewritten only
 by :meth:`FeatureStore.compact` (also temp + ``os.replace``). A reader therefore sees either
 the old or the new main file, plus whole segments, never a half-written one.
+
+Features are finite: :meth:`FeatureStore.add` refuses NaN or inf, :meth:`FeatureStore.get`
+raises :class:`FeatureStoreError` naming the image when the file holds them (tampered, or
+written by an older version), and :meth:`FeatureStore.compact` drops such entries (the next
+run re-extracts them) rather than carry them into the main file.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 from recommender.catalog import BadRow, CatalogRow
 from recommender.checkpoints import checkpoint
 from recommender.errors import FeatureStoreError, InvalidImageError
-from recommender.files import atomic_write
+from recommender.files import atomic_write, storage_errors
 from recommender.images import DEFAULT_MAX_PIXELS, decoded_batches, load_image, read_image_bytes
 
 log = logging.getLogger(__name__)
@@ -121,6 +126,10 @@ class FeatureStore:
 
         Returns:
             (len(digests), feature_dim) float32, in the order asked.
+
+        Raises:
+            FeatureStoreError: an image has no stored features, or its stored features are
+                not finite (NaN or inf: a tampered or corrupt file), naming the image and file.
         """
         out = np.empty((len(digests), self.feature_dim), np.float32)
         by_file: dict[Path, list[tuple[int, int]]] = {}
@@ -136,18 +145,38 @@ class FeatureStore:
             unique_rows, inverse = np.unique(rows, return_inverse=True)
             with h5py.File(file_path, "r") as handle:
                 block = handle[self.backbone_key][view]["features"][unique_rows]
+            corrupt = ~np.isfinite(block).all(axis=1)
+            if corrupt.any():
+                with h5py.File(file_path, "r") as handle:
+                    hashes = handle[self.backbone_key][view]["hashes"][unique_rows[corrupt]]
+                raise FeatureStoreError(
+                    f"feature store file {file_path} holds non-finite (NaN or inf) {view} features for "
+                    f"{_images(h.decode() for h in hashes)}; delete it to re-extract",
+                    digests=[h.decode() for h in hashes],
+                )
             out[[p for _, p in pairs]] = block[inverse]
         return out
 
     # -- writing -------------------------------------------------------------------------
     def add(self, digests: list[str], features: np.ndarray, view: str = "original") -> None:
-        """Stores one batch durably as a new segment file (atomic: temp + rename)."""
+        """Stores one batch durably as a new segment file (atomic: temp + rename).
+
+        Raises:
+            FeatureStoreError: the shape does not match, or a row is not finite (naming its image).
+            StorageError: the disk is full.
+        """
         if not digests:
             return
         features = np.asarray(features, np.float32)
         if features.shape != (len(digests), self.feature_dim):
             raise FeatureStoreError(f"features shape {features.shape} does not match {len(digests)} hashes")
-        self.segments_dir.mkdir(parents=True, exist_ok=True)
+        corrupt = [digest for digest, finite in zip(digests, np.isfinite(features).all(axis=1)) if not finite]
+        if corrupt:
+            raise FeatureStoreError(
+                f"refusing to store non-finite (NaN or inf) {view} features for {_images(corrupt)}", digests=corrupt
+            )
+        with storage_errors(self.segments_dir):
+            self.segments_dir.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
         final = self.segments_dir / name
         _write_store_file(final, {(self.backbone_key, view): (list(digests), features)})
@@ -171,7 +200,13 @@ class FeatureStore:
                     for view in handle[key]:
                         group = handle[key][view]
                         entries = merged.setdefault((key, view), {})
-                        entries.update(zip((h.decode() for h in group["hashes"][:]), group["features"][:]))
+                        hashes, features = [h.decode() for h in group["hashes"][:]], group["features"][:]
+                        finite = np.isfinite(features).all(axis=1)
+                        if not finite.all():
+                            # A cache entry, not data: dropped, the next run that needs it re-extracts it.
+                            dropped = [h for h, ok in zip(hashes, finite) if not ok]
+                            log.warning("%s: dropped non-finite %s features of %s", file_path, view, _images(dropped))
+                        entries.update((h, f) for h, f, ok in zip(hashes, features, finite) if ok)
         groups = {
             name: (sorted(entries), np.stack([entries[h] for h in sorted(entries)]))
             for name, entries in merged.items()
@@ -186,6 +221,14 @@ class FeatureStore:
         self._scan()
 
 
+def _images(digests) -> str:
+    """``image <sha256 prefix>, ...`` for a message (at most 5 named)."""
+    digests = list(digests)
+    named = ", ".join(digest[:12] for digest in digests[:5])
+    more = f" and {len(digests) - 5} more" if len(digests) > 5 else ""
+    return f"{len(digests)} image(s) (sha256 {named}{more})"
+
+
 def _write_store_file(final: Path, groups: dict[tuple[str, str], tuple[list[str], np.ndarray]]) -> None:
     """Writes an HDF5 store file to a temp name, fsyncs it, then renames it into place."""
 
@@ -198,6 +241,14 @@ def _write_store_file(final: Path, groups: dict[tuple[str, str], tuple[list[str]
                 group.create_dataset("features", data=np.asarray(features, np.float32))
 
     atomic_write(final, write)
+
+
+def _rows_of(digests, pairs) -> str:
+    """``catalog item 'id' (line n), ...`` for the ``(row, digest)`` pairs whose digest is listed."""
+    wanted = set(digests or ())
+    named = [f"{row.id!r} (line {row.line})" for row, digest in pairs if digest in wanted]
+    more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+    return f"catalog item {', '.join(named[:5])}{more}"
 
 
 @dataclass
@@ -311,6 +362,14 @@ def extract_features(
             for view in views:
                 batch_input = stacked if view == "original" else stacked[:, :, ::-1]
                 features = backbone.extract(batch_input)
+                finite = np.isfinite(features).all(axis=1)
+                if not finite.all():
+                    corrupt = [digest for digest, ok in zip(digests, finite) if not ok]
+                    raise FeatureStoreError(
+                        f"{_rows_of(corrupt, batch)}: the backbone gave non-finite (NaN or inf) {view} features; "
+                        "check its weights",
+                        digests=corrupt,
+                    )
                 if store is not None:
                     store.add(digests, features, view)
                     checkpoint("features")
@@ -326,7 +385,10 @@ def extract_features(
         matrix = np.empty((len(keep), backbone.feature_dim), np.float32)
         cached_positions = [i for i, digest in enumerate(out_hashes) if digest not in fresh[view]]
         if cached_positions:
-            matrix[cached_positions] = store.get([out_hashes[i] for i in cached_positions], view)
+            try:
+                matrix[cached_positions] = store.get([out_hashes[i] for i in cached_positions], view)
+            except FeatureStoreError as error:
+                raise FeatureStoreError(f"{_rows_of(error.digests, keep)}: {error}", digests=error.digests) from None
         for i, digest in enumerate(out_hashes):
             if digest in fresh[view]:
                 matrix[i] = fresh[view][digest]

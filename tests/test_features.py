@@ -60,6 +60,33 @@ def test_corrupt_store_is_a_clear_error(tmp_path):
         FeatureStore(tmp_path / "f.h5", "key", 2)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_on_write(bad, tmp_path):
+    store = FeatureStore(tmp_path / "f.h5", "key", 2)
+    with pytest.raises(FeatureStoreError, match=r"refusing to store non-finite .*1 image\(s\) \(sha256 bbbbbbbbbbbb\)"):
+        store.add(["a" * 64, "b" * 64], np.array([[1, 2], [bad, 0]], np.float32))
+    assert not store.contains("a" * 64) and not list(tmp_path.rglob("*.h5"))  # nothing half-stored
+
+
+def test_tampered_non_finite_features_are_a_clear_error_on_read(tmp_path):
+    """A store holding NaN or inf (tampered, or an older version's) names the image on read,
+    instead of feeding NaN to training and the gate; compaction drops such entries."""
+    store = FeatureStore(tmp_path / "f.h5", "key", 2)
+    store.add(["a" * 64, "b" * 64, "c" * 64], np.arange(6, dtype=np.float32).reshape(3, 2))
+    store.compact()
+    with h5py.File(tmp_path / "f.h5", "r+") as handle:
+        handle["key"]["original"]["features"][1, 1] = np.nan
+    reopened = FeatureStore(tmp_path / "f.h5", "key", 2)
+    assert np.array_equal(reopened.get(["c" * 64, "a" * 64]), [[4, 5], [0, 1]])  # the others still read
+    with pytest.raises(FeatureStoreError, match=r"f.h5 holds non-finite .*sha256 bbbbbbbbbbbb.*delete it") as raised:
+        reopened.get(["a" * 64, "b" * 64])
+    assert raised.value.digests == ["b" * 64]
+    reopened.add(["d" * 64], np.ones((1, 2), np.float32))
+    reopened.compact()
+    again = FeatureStore(tmp_path / "f.h5", "key", 2)
+    assert not again.contains("b" * 64) and len(again) == 3
+
+
 def test_extraction_uses_cache_and_reports_bad_images(tmp_path, generated_catalog, image_files, tiny_backbone):
     folder = generated_catalog.parent
     shutil.copy(image_files["truncated_jpeg"], folder / "broken-for-features.jpg")
@@ -84,3 +111,12 @@ def test_extraction_uses_cache_and_reports_bad_images(tmp_path, generated_catalo
     assert np.allclose(direct, first.features, rtol=1e-4, atol=1e-4)
     with h5py.File(tmp_path / "f.h5") as handle:
         assert handle[tiny_backbone.identity["key"]]["original"]["features"].shape == (5, 2048)
+    # Tampered: the cached features of one image become inf; extraction names its catalog row.
+    with h5py.File(tmp_path / "f.h5", "r+") as handle:
+        group = handle[tiny_backbone.identity["key"]]["flipped"]
+        row = [h.decode() for h in group["hashes"][:]].index(first.hashes[2])
+        group["features"][row, 7] = np.inf
+    tampered = FeatureStore(tmp_path / "f.h5", tiny_backbone.identity["key"], tiny_backbone.feature_dim)
+    item = first.rows[2]
+    with pytest.raises(FeatureStoreError, match=rf"catalog item '{item.id}' \(line {item.line}\): .*non-finite"):
+        extract_features(catalog.rows, tiny_backbone, tampered, flips=True, batch_size=2)
