@@ -112,3 +112,86 @@ def test_catalog_file_with_a_broken_line_names_file_and_line(tmp_path, tiny_bund
     assert [row.id for row in read_catalog_rows(tmp_path, 3)] == [json.loads(line)["id"] for line in lines]
     with pytest.raises(BundleError, match="catalog.jsonl has 3 rows, the manifest says 4"):
         read_catalog_rows(tmp_path, 4)
+
+
+def _rehash(bundle, name: str) -> None:
+    """Records ``name``'s new size and sha256 in the manifest, so only its content is wrong."""
+    import hashlib
+
+    manifest = _manifest_json(bundle)
+    data = (bundle / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (bundle / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def _edit_manifest(edit):
+    def apply(bundle):
+        manifest = _manifest_json(bundle)
+        edit(manifest)
+        (bundle / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    return apply
+
+
+def _edit_catalog_line(edit):
+    def apply(bundle):
+        lines = (bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+        lines[1] = edit(lines[1])
+        (bundle / "catalog.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        _rehash(bundle, "catalog.jsonl")
+
+    return apply
+
+
+def _without_sha256(line: str) -> str:
+    record = json.loads(line)
+    record.pop("sha256")
+    return json.dumps(record)
+
+
+#: Issue 12's malformed bundles: each must be one `error:` line from the CLI and one BundleError
+#: from the web app's factory, naming the file and field (line), never a traceback.
+MALFORMED_BUNDLES = {
+    "backbone: {}": (_edit_manifest(lambda m: m.update(backbone={})), "manifest.json: backbone.spec: missing"),
+    "counts: {}": (_edit_manifest(lambda m: m.update(counts={})), "manifest.json: counts.items: missing"),
+    "file without bytes": (
+        _edit_manifest(lambda m: m["files"]["labels.json"].pop("bytes")),
+        "manifest.json: files.labels.json.bytes: missing",
+    ),
+    "max_pixels lots": (
+        _edit_manifest(lambda m: m.update(max_pixels="lots")),
+        "manifest.json: max_pixels: expected an integer, got 'lots'",
+    ),
+    "unknown spec key": (
+        _edit_manifest(lambda m: m["backbone"]["spec"].update(colour="red")),
+        "manifest.json: backbone.spec.colour: unknown field",
+    ),
+    "bad catalog.jsonl line": (_edit_catalog_line(lambda line: "{not json"), "catalog.jsonl line 2: not valid JSON"),
+    "row without sha256": (_edit_catalog_line(_without_sha256), "catalog.jsonl line 2: sha256: missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_BUNDLES))
+def test_malformed_bundle_is_one_error_line_from_the_cli_and_the_web_app(
+    case, tiny_bundle, generated_catalog, tmp_path, capsys
+):
+    import shutil
+
+    from recommender.cli import main
+    from webapp import create_app
+
+    edit, message = MALFORMED_BUNDLES[case]
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    edit(bundle)
+    photo = next(generated_catalog.parent.rglob("*.jpg"))
+    code = main(["query", "--bundle", str(bundle), str(photo)])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and message in captured.err
+    assert "Traceback" not in captured.err
+    if "catalog.jsonl" in message:
+        return  # read after the model loads, by the same load_bundle as below: the CLI run is enough
+    with pytest.raises(BundleError) as raised:
+        create_app({"bundle": str(bundle), "reload_interval_s": 0})
+    assert message in str(raised.value)
