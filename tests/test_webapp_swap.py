@@ -236,3 +236,32 @@ def test_live_bundle_checks_at_most_every_interval_and_retries_only_on_change(tm
     live.wait_for_reload(10)
     status = live.status()
     assert status["bundle"] == "four" and status["reload_error"] is None and status["ready"]
+
+
+class _Engine:
+    """A stand-in engine that can be weakly referenced (to see that a swapped-out one is freed)."""
+
+    def __init__(self, path: Path):
+        vars(self).update(vars(_stand_in_engine(path)))
+
+
+def test_the_watcher_swaps_without_any_request_and_releases_the_old_engine(tmp_path):
+    import gc
+    import weakref
+
+    pointer = tmp_path / "current"
+    publish(pointer, _write_stand_in(tmp_path / "one", "one"))
+    live = LiveBundle(pointer, check_interval_s=0.1, loader=_Engine)
+    live.load_now()
+    try:
+        first = weakref.ref(live.current())
+        publish(pointer, _write_stand_in(tmp_path / "two", "two"))
+        # Nothing calls current() or check(): the watcher thread alone notices the new pointer.
+        wait_for(lambda: live.status()["bundle"] == "two", timeout=10, what="the watcher's swap")
+        gc.collect()
+        assert first() is None, "the swapped-out engine must be freed"
+        publish(pointer, tmp_path / "one")  # a rollback is followed the same way
+        wait_for(lambda: live.status()["bundle"] == "one", timeout=10, what="the rollback")
+    finally:
+        live.stop()
+    assert not live._watcher.is_alive()

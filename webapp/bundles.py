@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,19 +56,22 @@ def warm_up(engine) -> None:
 
 
 class LiveBundle:
-    """Serves one loaded bundle and replaces it when the pointer it was given changes.
+    """Serves one loaded bundle and replaces it, eagerly, when the pointer it was given changes.
 
-    ``current()`` is what every request calls: it returns the engine to use for the whole
-    request and, at most every ``check_interval_s``, compares the pointer's state with the
-    one being served. A change starts a background thread that loads and warms the new bundle
-    and then swaps the reference (one assignment, atomic under the GIL): requests in flight
-    finish on the engine they already hold, later ones get the new one. A bundle that fails
-    to load is logged, reported by :meth:`status`, and not tried again until the pointer
-    changes again; the old bundle keeps serving.
+    A watcher thread (started by :meth:`load_now`, one per process) compares the pointer's
+    state with the one being served every ``check_interval_s``, whether requests arrive or
+    not, so every worker of a server follows a publish or a rollback within one interval
+    plus the load time, and workers never disagree for longer. A change is loaded and warmed
+    in a background thread and then swapped in (one assignment, atomic under the GIL):
+    requests in flight finish on the engine they already hold, later ones get the new one,
+    and the old engine is released (its memory returns: nothing else keeps it). A bundle that
+    fails to load is logged, reported by :meth:`status`, and not tried again until the
+    pointer changes again; the old bundle keeps serving. ``current()`` never loads or checks.
 
     Args:
         pointer: bundle folder or symlink to one.
-        check_interval_s: seconds between pointer checks; 0 checks on every call.
+        check_interval_s: seconds between pointer checks (at least :data:`MIN_CHECK_INTERVAL_S`
+            apart on the watcher; 0 means that floor).
         loader: ``path -> engine`` (``recommender.engine.load_bundle``).
     """
 
@@ -83,6 +88,9 @@ class LiveBundle:
         self._next_check = 0.0
         # Held only to decide whether to start a load: never while loading or serving.
         self._check_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._watcher_pid: int | None = None
         #: Called with "swapped" or "refused" after each background reload (webapp.observability counts them).
         self.listeners: list[Callable[[str], None]] = []
 
@@ -97,12 +105,38 @@ class LiveBundle:
         warm_up(engine)
         self._install(engine, state)
         self._next_check = time.monotonic() + self.check_interval_s
+        self.start_watching()
 
     def current(self):
-        """The engine to answer this request with (checks the pointer when a check is due)."""
-        if time.monotonic() >= self._next_check:
-            self.check()
+        """The engine to answer this request with (the watcher keeps it up to date)."""
         return self._engine
+
+    def start_watching(self) -> None:
+        """Starts the watcher thread in this process, if it is not running here already.
+
+        Threads do not survive ``fork``: a process forked after this (gunicorn with
+        ``--preload``) starts its own watcher through an ``os.register_at_fork`` hook.
+        """
+        if self._watcher is not None and self._watcher.is_alive() and self._watcher_pid == os.getpid():
+            return
+        self._stop.clear()
+        self._watcher_pid = os.getpid()
+        # The thread holds only a weak reference: an app that is dropped (tests) stops its watcher.
+        self._watcher = threading.Thread(
+            target=_watch, args=(weakref.ref(self), self._stop), name="bundle-watcher", daemon=True
+        )
+        self._watcher.start()
+        if not getattr(self, "_fork_hook", False):
+            self._fork_hook = True
+            reference = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: _restart_after_fork(reference))
+
+    def stop(self) -> None:
+        """Stops the watcher thread (the served engine stays)."""
+        self._stop.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(5)
 
     def check(self) -> bool:
         """Looks at the pointer now; starts loading a changed bundle in the background.
@@ -195,6 +229,11 @@ class LiveBundle:
             old.bundle_id if old is not None else None,
             time.perf_counter() - started,
         )
+        # The old engine's model, index and catalog go once the last request holding it ends;
+        # its Keras model sits in reference cycles, so collect now rather than at some later
+        # allocation count (each swap otherwise left the old model's memory behind for a while).
+        del old, engine
+        gc.collect()
         self._notify("swapped")
 
     def _refuse(self, state: PointerState, message: str) -> None:
@@ -207,6 +246,39 @@ class LiveBundle:
     def _notify(self, outcome: str) -> None:
         for listener in self.listeners:
             listener(outcome)
+
+
+#: The watcher checks the pointer at most this often, whatever the configured interval.
+MIN_CHECK_INTERVAL_S = 0.05
+
+
+def _watch(reference: weakref.ref, stop: threading.Event) -> None:
+    """The watcher thread: every interval (the first one after the load), checks the pointer."""
+    while True:
+        live = reference()
+        if live is None:
+            return
+        interval = max(live.check_interval_s, MIN_CHECK_INTERVAL_S)
+        del live
+        if stop.wait(interval):
+            return
+        live = reference()
+        if live is None:
+            return
+        try:
+            live.check()
+        except Exception:  # a failing stat must not end the watcher: log it and keep watching
+            log.exception("checking the bundle pointer %s failed", live.pointer)
+        del live
+
+
+def _restart_after_fork(reference: weakref.ref) -> None:
+    live = reference()
+    if live is not None and live._watcher is not None and not live._stop.is_set():
+        # The check lock may have been held by a thread that does not exist in the child.
+        live._check_lock = threading.Lock()
+        live._loading = None
+        live.start_watching()
 
 
 def _iso_time(seconds: float) -> str:
