@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from recommender.errors import BackboneError, WeightsUnavailableError
+from recommender.quiet import native_log_filtered
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -305,12 +306,13 @@ class TFLiteBackbone(Backbone):
             raise BackboneError(f"TFLite model not found: {path}")
         interpreter_class = _tflite_interpreter_class()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), native_log_filtered():
                 # TF 2.20+ announces that tf.lite.Interpreter moves to ai_edge_litert.
                 warnings.simplefilter("ignore", UserWarning)
                 self._interpreter = interpreter_class(
                     model_path=str(path), num_threads=num_threads or os.cpu_count() or 1
                 )
+                self._interpreter.allocate_tensors()  # prints "INFO: Created ... XNNPACK delegate" once
         except Exception as error:
             raise BackboneError(f"cannot load TFLite model {path}: {error}") from None
         self._lock = threading.Lock()

@@ -128,8 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser(argv).parse_args(argv)
-    if not args.verbose:
-        _quiet_tensorflow()
+    from recommender import quiet
+
+    if args.verbose:
+        # -v shows TensorFlow's native log lines too (TF_CPP_MIN_LOG_LEVEL=0 keeps them unfiltered).
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        # Before any command imports TensorFlow: its C++ start-up lines stay off stderr, errors not.
+        quiet.install()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -162,32 +168,3 @@ def main(argv: list[str] | None = None) -> int:
 def main_entry() -> None:
     """Console-script entry point (``recommender``)."""
     sys.exit(main())
-
-
-def _quiet_tensorflow() -> None:
-    """Imports TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) hidden.
-
-    TF 2.20+ writes those lines to file descriptor 2 before its logging is initialised, so
-    TF_CPP_MIN_LOG_LEVEL cannot silence them; stderr is pointed at a temp file during the
-    import and the first device query, and replayed if the import fails. ``-v`` keeps them.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    import tempfile
-
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices("GPU")
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)

@@ -9,8 +9,11 @@ from collections.abc import Mapping
 
 from flask import Flask, g
 
+from recommender import quiet
 from webapp.config import ConfigError, WebConfig, resolve_config
 from webapp.server import DEFAULT_HOST, DEFAULT_PORT, serve_bundle
+
+quiet.install()  # gunicorn imports us, not the CLI: TensorFlow's C++ start-up lines stay off stderr
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "ConfigError", "WebConfig", "create_app", "serve_bundle"]
 
