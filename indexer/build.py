@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,8 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from recommender.backbones import load_backbone
-from recommender.bundle import library_versions, new_bundle_id, write_bundle, write_json
-from recommender.catalog import BadRow, Catalog, CatalogRow, check_bad_fraction, drop_rare_classes, read_catalog
+from recommender.bundle import (
+    RANDOM_WEIGHTS,
+    copy_backbone_file,
+    library_versions,
+    new_bundle_id,
+    write_bundle,
+    write_json,
+)
+from recommender.catalog import (
+    BadRow,
+    Catalog,
+    CatalogRow,
+    check_bad_fraction,
+    drop_rare_classes,
+    read_catalog,
+)
 from recommender.checkpoints import checkpoint
 from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
@@ -90,6 +105,7 @@ def load_catalog(source: str | Path, config: BuildConfig) -> Catalog:
         splits=list(config.splits) if config.splits else None,
         tags_column=config.tags_column,
         tags_separator=config.tags_separator,
+        image_root=config.image_root,
     )
 
 
@@ -305,20 +321,22 @@ def build_bundle(
                 record = CatalogRecord.from_row(row, digest, with_tags=bool(catalog.tags_column))
                 handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
         write_json(folder / "history.json", trained.history)
-        if config.backbone.weights == "none":
-            backbone.save_weights(folder / "backbone.weights.h5")
+        if backbone.spec.weights == "none":
+            backbone.save_weights(folder / RANDOM_WEIGHTS)
+        carried = copy_backbone_file(backbone, folder)  # a TFLite model or weights file travels inside
         report.seconds = {**timings, "total": time.perf_counter() - started}
         write_json(folder / "build_report.json", report.to_json())
         return {
             "bundle_id": bundle_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "libraries": library_versions(),
-            "backbone": {"spec": asdict(backbone.spec), "identity": backbone.identity},
+            "backbone": {"spec": asdict(backbone.spec), "identity": backbone.identity, "file": carried},
             "catalog": {
-                "source": catalog.source,
+                "source": os.path.abspath(catalog.source),  # as given, made absolute: no cwd in a bundle
                 "label_columns": catalog.label_columns,
                 "hierarchy": list(prepared.taxonomy.levels) if prepared.taxonomy else None,
                 "tags_column": catalog.tags_column,
+                "image_root": str(catalog.image_root) if catalog.image_root else None,
             },
             "embedding": {"dimension": int(embeddings.shape[1]), "flip_average": use_flips, "layer": "embedding"},
             "index": {"kind": index.kind, "size": index.size},

@@ -791,6 +791,7 @@ def run(args: argparse.Namespace) -> int:
         label_columns=columns,
         split_column=args.split_column,
         splits=args.splits,
+        image_root=args.image_root,
         tags_column=tags_column,
         tags_separator=recommender.label_space.tags_separator,
     )

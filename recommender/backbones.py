@@ -7,9 +7,9 @@ is registered under a name with a one-line description, :func:`list_backbones` l
 - Keras applications, one row each of :data:`KERAS_APPLICATIONS`: ``resnet50`` (the default)
   and ``mobilenet_v2``. Each row carries its constructor, feature width, default input size,
   ``preprocess_input`` (applied inside the compiled call) and where its ImageNet no-top weights
-  come from. Weights are ``imagenet`` (Keras download/cache), a local weights file, or ``none``
-  (random init, only when asked; the random weights are saved in the bundle so queries see the
-  same network).
+  come from. Weights are ``imagenet`` (Keras download/cache, identified by the cached file's
+  sha256), a local weights file, or ``none`` (random init, only when asked; the random weights
+  are saved in the bundle so queries see the same network).
 - ``tflite:PATH``, file-backed: any TFLite image feature extractor, e.g. the quantized
   MobileNet in ``../shared/models`` (uint8 in, uint8 out: the output is dequantized).
 
@@ -26,7 +26,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +63,18 @@ class BackboneSpec:
     seed: int = 0
 
 
+def resolved_spec(spec: BackboneSpec) -> BackboneSpec:
+    """The spec with its file path (``tflite:PATH`` or a weights file) made absolute, ``~`` and
+    symlinks resolved: a bundle records where the file was, not where it was relative to the
+    working directory of the build."""
+    kind, colon, path = spec.name.partition(":")
+    if colon and path:
+        return replace(spec, name=f"{kind}:{os.path.realpath(Path(path).expanduser())}")
+    if spec.weights not in ("imagenet", "none", "file"):
+        return replace(spec, weights=os.path.realpath(Path(spec.weights).expanduser()))
+    return spec
+
+
 class Backbone:
     """A loaded feature extractor. Subclasses implement :meth:`_forward`.
 
@@ -72,12 +84,17 @@ class Backbone:
             the bundle manifest; ``identity["key"]`` keys the feature store.
         input_size: side of the square input, pixels.
         feature_dim: number of features per image.
+        model_file: the file the network was loaded from that a bundle must carry to re-create
+            it (a TFLite model or an explicit weights file), absolute; None for ImageNet
+            weights (the Keras cache's file, identified by ``identity["weights_sha256"]``) and
+            random init (saved with :meth:`KerasApplicationBackbone.save_weights`).
     """
 
     spec: BackboneSpec
     identity: dict
     input_size: int
     feature_dim: int
+    model_file: Path | None = None
 
     def extract(self, images: np.ndarray) -> np.ndarray:
         """Runs the backbone on a batch.
@@ -223,7 +240,15 @@ class KerasApplicationBackbone(Backbone):
             try:
                 # Keras reports the download on stdout, which the CLI keeps for JSON answers.
                 with contextlib.redirect_stdout(sys.stderr):
-                    model = build("imagenet")
+                    # What weights="imagenet" does inside Keras, done here to learn which file
+                    # it is ($KERAS_HOME, ~/.keras or /tmp/.keras): bundles record its sha256.
+                    cached = keras.utils.get_file(
+                        weights_file,
+                        application.weights_base_url + weights_file,
+                        cache_subdir="models",
+                        file_hash=application.weights_hash,
+                    )
+                    model = build(cached)
             except Exception as error:  # network errors come in many types (URLError, OSError, ...)
                 checksum = f" (md5 {application.weights_hash})" if application.weights_hash else ""
                 raise WeightsUnavailableError(
@@ -233,10 +258,8 @@ class KerasApplicationBackbone(Backbone):
                     f"--weights PATH (or put it in ~/.keras/models/), or use --weights none for "
                     f"random init (poor quality) or --backbone tflite:PATH"
                 ) from None
-            cached = Path(keras.config.keras_home() if hasattr(keras.config, "keras_home") else "~/.keras") / "models"
-            cached = cached.expanduser() / weights_file
             identity["weights"] = "imagenet"
-            identity["weights_sha256"] = file_sha256(cached) if cached.exists() else None
+            identity["weights_sha256"] = file_sha256(cached)
         elif spec.weights == "none":
             if random_weights_path is not None:
                 model = build(None)
@@ -248,9 +271,9 @@ class KerasApplicationBackbone(Backbone):
             identity["seed"] = spec.seed
             identity["weights_sha256"] = _weights_digest(model)
         else:
-            path = Path(spec.weights).expanduser()
+            path = Path(os.path.realpath(Path(spec.weights).expanduser()))
             if not path.is_file():
-                raise WeightsUnavailableError(f"weights file not found: {path}")
+                raise WeightsUnavailableError(f"weights file not found: {spec.weights}")
             try:
                 model = build(str(path))
             except Exception as error:
@@ -260,6 +283,8 @@ class KerasApplicationBackbone(Backbone):
                 ) from None
             identity["weights"] = "file"
             identity["weights_sha256"] = file_sha256(path)
+            self.spec = replace(spec, weights=str(path))
+            self.model_file = path
         if model.output_shape[-1] != application.feature_dim:
             # A wrong table row would otherwise surface later as a feature-store shape error.
             raise BackboneError(
@@ -301,9 +326,10 @@ class TFLiteBackbone(Backbone):
     """
 
     def __init__(self, spec: BackboneSpec, num_threads: int | None = None):
-        path = Path(spec.name.split(":", 1)[1]).expanduser()
+        given = spec.name.split(":", 1)[1]
+        path = Path(os.path.realpath(Path(given).expanduser()))
         if not path.is_file():
-            raise BackboneError(f"TFLite model not found: {path}")
+            raise BackboneError(f"TFLite model not found: {given}")
         interpreter_class = _tflite_interpreter_class()
         try:
             with warnings.catch_warnings(), native_log_filtered():
@@ -320,7 +346,8 @@ class TFLiteBackbone(Backbone):
         input_detail = self._interpreter.get_input_details()[0]
         output_detail = self._interpreter.get_output_details()[0]
         size = int(input_detail["shape"][1])
-        self.spec = BackboneSpec(name=spec.name, weights="file", input_size=size, seed=spec.seed)
+        self.spec = BackboneSpec(name=f"tflite:{path}", weights="file", input_size=size, seed=spec.seed)
+        self.model_file = path
         self.input_size = size
         self.feature_dim = int(np.prod(output_detail["shape"][1:]))
         self._input_dtype = input_detail["dtype"]

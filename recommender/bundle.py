@@ -1,7 +1,8 @@
 """The bundle: an immutable directory holding everything a query needs, verified on load.
 
-Layout (format version 2; version 1 bundles, which lack the heads, taxonomy and tags in
-``labels.json``, still load)::
+Layout (format version 3; version 2 bundles, which name a file backbone by its path on the
+build machine and record no image root, and version 1 bundles, which also lack the heads,
+taxonomy and tags in ``labels.json``, still load)::
 
     BUNDLE/
       model.keras             classifier (features -> embedding + heads)
@@ -14,8 +15,16 @@ Layout (format version 2; version 1 bundles, which lack the heads, taxonomy and 
       history.json            per-epoch training curves
       build_report.json       counts and the rows left out, with reasons
       backbone.weights.h5     only for --weights none: the random-init backbone weights
-      manifest.json           written last: versions, backbone identity, counts, metrics,
-                              and the sha256 and size of every other file
+      backbone/NAME           only for a file backbone (tflite:PATH, --weights PATH): a copy of
+                              that file, the one a loaded bundle uses (never the original)
+      manifest.json           written last: versions, backbone identity (the weights' sha256),
+                              the catalog's image root, counts, metrics, and the sha256 and
+                              size of every other file
+
+A bundle is portable: it names no path relative to the build's working directory. The
+backbone's file travels inside it; ImageNet weights, which Keras caches per machine, are
+identified by their sha256 and checked when the bundle loads; catalog photos are recorded by
+absolute path inside the recorded image root (``recommender.catalog.open_catalog_image``).
 
 The bundle is written into a temporary sibling folder and renamed into place, so a reader
 never sees a half-written bundle; :func:`verify_bundle` checks the manifest against the
@@ -33,14 +42,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from recommender.backbones import file_sha256
-from recommender.errors import BundleError
-from recommender.manifest import CatalogRecord, Manifest
+from recommender.errors import BackboneError, BundleError
+from recommender.manifest import BackboneFile, CatalogRecord, Manifest
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Format versions this code reads.
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 REQUIRED_FILES = ("model.keras", "scalers.npz", "labels.json", "index.faiss", "catalog.jsonl")
+#: Folder of a bundle that holds the copy of a file backbone (TFLite model, weights file).
+BACKBONE_DIR = "backbone"
+#: The saved random-init backbone weights (``--weights none``).
+RANDOM_WEIGHTS = "backbone.weights.h5"
 
 
 def library_versions() -> dict[str, str]:
@@ -124,6 +137,112 @@ def write_bundle(out: str | os.PathLike, fill: Callable[[Path], dict], *, overwr
     return out
 
 
+def copy_backbone_file(backbone, folder: Path) -> dict | None:
+    """Copies a file backbone's file into a bundle being written; checks the copy's sha256.
+
+    Args:
+        backbone: the loaded ``backbones.Backbone`` the bundle was built with.
+        folder: the bundle's temporary folder (see :func:`write_bundle`).
+
+    Returns:
+        The manifest's ``backbone.file`` entry (``{"path": "backbone/NAME", "source": ABSOLUTE}``),
+        or None when the backbone has no file to carry (ImageNet, random init).
+
+    Raises:
+        BundleError: the copy is not the file the backbone was loaded from (it changed since).
+    """
+    source = getattr(backbone, "model_file", None)
+    if source is None:
+        return None
+    relative = f"{BACKBONE_DIR}/{Path(source).name}"
+    target = folder / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    # Checked against the hash of the file as it was loaded, so a file replaced during the build
+    # cannot ship under the identity of another.
+    if file_sha256(target) != backbone.identity.get("weights_sha256"):
+        raise BundleError(f"{source} changed while the bundle was built (its sha256 is not the loaded one's)")
+    return {"path": relative, "source": str(source)}
+
+
+def backbone_spec(bundle: str | os.PathLike, manifest: Manifest):
+    """The ``backbones.BackboneSpec`` that re-creates a bundle's backbone from the bundle itself.
+
+    A file backbone is loaded from the bundle's copy (``backbone/NAME``), never from the path
+    it was built from; other specs are returned as recorded.
+
+    Raises:
+        BundleError: ``backbone.file`` names a path outside the bundle or one ``files`` does not
+            list (so it would escape the hash check).
+    """
+    from dataclasses import replace
+
+    spec = manifest.backbone.spec
+    carried = manifest.backbone.file
+    if carried is None:
+        return spec
+    path = _carried_path(Path(bundle), manifest, carried)
+    kind, colon, _ = spec.name.partition(":")
+    if colon:
+        return replace(spec, name=f"{kind}:{path}")
+    return replace(spec, weights=str(path))
+
+
+def _carried_path(bundle: Path, manifest: Manifest, carried: BackboneFile) -> Path:
+    parts = Path(carried.path).parts
+    if Path(carried.path).is_absolute() or ".." in parts or parts[:1] != (BACKBONE_DIR,):
+        raise BundleError(f"{bundle}: backbone.file.path {carried.path!r} is not a path under {BACKBONE_DIR}/")
+    if carried.path not in manifest.files:
+        raise BundleError(f"{bundle}: backbone.file.path {carried.path} is not listed in the manifest's files")
+    return bundle / carried.path
+
+
+def load_bundle_backbone(bundle: str | os.PathLike, manifest: Manifest):
+    """Loads a verified bundle's backbone and checks it is the one the bundle was built with.
+
+    Args:
+        bundle: the bundle folder (verified: :func:`verify_bundle`).
+        manifest: its manifest.
+
+    Returns:
+        The loaded ``backbones.Backbone``.
+
+    Raises:
+        BundleError: the weights found here (e.g. the Keras cache's ImageNet file) hash to
+            another sha256 than the recorded one, the backbone's identity differs otherwise,
+            or a version-2 bundle's model file cannot be found from this working directory.
+        WeightsUnavailableError: ImageNet weights cannot be had here.
+    """
+    from recommender.backbones import load_backbone
+
+    bundle = Path(bundle)
+    spec = backbone_spec(bundle, manifest)
+    random_weights = bundle / RANDOM_WEIGHTS if (bundle / RANDOM_WEIGHTS).exists() else None
+    try:
+        backbone = load_backbone(spec, random_weights_path=random_weights)
+    except BackboneError as error:
+        if manifest.backbone.file is None and ":" in spec.name and type(error) is BackboneError:
+            raise BundleError(
+                f"{bundle}: {error}; a format {manifest.format_version} bundle names its model by the path it "
+                f"was built with (relative to the build's working directory): serve it from there, or rebuild "
+                f"it with this version, which copies the model into the bundle"
+            ) from None
+        raise
+    recorded, found = manifest.backbone.identity, backbone.identity
+    if recorded.get("weights_sha256") != found.get("weights_sha256"):
+        what = "the ImageNet weights in this machine's Keras cache" if spec.weights == "imagenet" else "its weights"
+        raise BundleError(
+            f"{bundle}: {what} have sha256 {found.get('weights_sha256')}, the bundle was built with "
+            f"{recorded.get('weights_sha256')}; supply the same weights file or rebuild the bundle"
+        )
+    if found["key"] != manifest.backbone.identity_key:
+        raise BundleError(
+            f"{bundle}: the backbone here ({found}) differs from the one the bundle was built with "
+            f"({dict(recorded)}); rebuild the bundle or supply the same weights"
+        )
+    return backbone
+
+
 def read_manifest(bundle: str | os.PathLike) -> Manifest:
     """Reads and validates ``manifest.json`` (no file hashing).
 
@@ -165,6 +284,8 @@ def verify_bundle(bundle: str | os.PathLike) -> Manifest:
     for name in REQUIRED_FILES:
         if name not in files:
             raise BundleError(f"{bundle}: manifest does not list required file {name}")
+    if manifest.backbone.file is not None:
+        _carried_path(bundle, manifest, manifest.backbone.file)
     for name, expected in files.items():
         path = bundle / name
         if not path.is_file():

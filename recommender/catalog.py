@@ -5,16 +5,27 @@ Reading checks what can be checked without decoding (file present, id unique, la
 non-empty); image decoding errors are found during feature extraction. Both kinds of bad
 row are collected as :class:`BadRow` and judged together by :func:`check_bad_fraction`:
 a build tolerates a few bad rows but refuses a catalog where too many are bad.
+
+Photos are confined to an image root: the CSV's folder, the folder catalog itself, or an
+explicit ``image_root`` (``--image-root``). A row whose image path resolves (symlinks
+followed, ``os.path.realpath``) outside it is a bad row, and each good row's path is that
+absolute resolved path, so a bundle serves its photos from any working directory.
+:func:`open_catalog_image` is the serving side: it opens a recorded photo only inside the
+recorded root, never through a symlink, and only while its size and sha256 are the build's.
 """
 
 from __future__ import annotations
 
 import csv
-from collections import Counter
+import hashlib
+import os
+import stat
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recommender.errors import CatalogError
+from recommender.errors import CatalogError, CatalogImageError
 
 #: File endings taken from a folder-of-class-folders catalog.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -30,7 +41,7 @@ class CatalogRow:
     Attributes:
         id: unique product id (the image path as written when no id column is given).
         image: the image path as written in the catalog (relative to the catalog's folder).
-        path: the resolved image path on disk.
+        path: the image's absolute path on disk, symlinks resolved (inside the image root).
         labels: label column -> value, in the order of the label columns.
         extra: the row's other columns (e.g. title, split), kept for display.
         line: 1-based line in the CSV (header is line 1); 0 for folder catalogs.
@@ -77,6 +88,8 @@ class Catalog:
         source: the catalog path as given.
         total: number of data rows read (good + bad).
         tags_column: the multi-label column, or None.
+        image_root: the folder every row's photo lies in (absolute, symlinks resolved): the
+            explicit image root, else ``root``'s; None only for catalogs made in code.
     """
 
     rows: list[CatalogRow]
@@ -86,6 +99,7 @@ class Catalog:
     source: str
     total: int
     tags_column: str | None = None
+    image_root: Path | None = None
 
     def without(self, ids: set[str]) -> Catalog:
         """Returns a copy with the rows whose id is in ``ids`` removed (bad rows kept)."""
@@ -97,6 +111,7 @@ class Catalog:
             source=self.source,
             total=self.total,
             tags_column=self.tags_column,
+            image_root=self.image_root,
         )
 
 
@@ -110,6 +125,7 @@ def read_catalog(
     splits: list[str] | tuple[str, ...] | None = None,
     tags_column: str | None = None,
     tags_separator: str = "|",
+    image_root: str | Path | None = None,
 ) -> Catalog:
     """Reads a CSV manifest or a folder of class folders.
 
@@ -124,12 +140,16 @@ def read_catalog(
         tags_column: CSV column holding several tags per product (multi-label), or None.
             An empty cell means no tags.
         tags_separator: what separates the tags in one cell.
+        image_root: the folder photos must lie in (default: the CSV's folder, or the folder
+            catalog itself). Relative image paths are still relative to the CSV's folder; a
+            row whose photo resolves outside the root is a bad row.
 
     Returns:
         The catalog, with rows that failed reading checks in ``bad_rows``.
 
     Raises:
-        CatalogError: the catalog is missing, empty, or lacks a named column.
+        CatalogError: the catalog is missing, empty, or lacks a named column; the image root
+            is not a folder.
     """
     label_columns = list(label_columns)
     if not label_columns:
@@ -143,31 +163,66 @@ def read_catalog(
     path = Path(source)
     if not path.exists():
         raise CatalogError(f"catalog not found: {path}")
+    if image_root is not None and not Path(image_root).is_dir():
+        raise CatalogError(f"image root {image_root} is not a folder")
+    confine = _real(image_root if image_root is not None else (path if path.is_dir() else path.parent))
     if path.is_dir():
         if splits:
             raise CatalogError("--split filters need a CSV catalog with a split column")
         if tags_column:
             raise CatalogError("a tags column needs a CSV catalog")
-        return _read_folder(path, label_columns[0])
-    return _read_csv(path, image_column, id_column, label_columns, split_column, splits, tags_column, tags_separator)
+        return _read_folder(path, label_columns[0], confine)
+    return _read_csv(
+        path,
+        image_column,
+        id_column,
+        label_columns,
+        split_column,
+        splits,
+        tags_column,
+        tags_separator,
+        confine,
+    )
 
 
-def _read_folder(folder: Path, label_column: str) -> Catalog:
+def _real(path: str | os.PathLike) -> Path:
+    """The absolute path with every symlink resolved (``os.path.realpath``)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def outside_root_reason(real: Path, image_root: Path) -> str | None:
+    """Why a resolved photo path may not be built from, or None when it lies inside the root."""
+    if real == image_root or real.is_relative_to(image_root):
+        return None
+    return f"image path resolves to {real}, outside the image root {image_root} (see --image-root)"
+
+
+def _read_folder(folder: Path, label_column: str, image_root: Path) -> Catalog:
     class_dirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not class_dirs:
         raise CatalogError(f"{folder}: no class folders (expected FOLDER/<class>/<image>)")
     rows: list[CatalogRow] = []
+    bad: list[BadRow] = []
     for class_dir in class_dirs:
         for image_path in sorted(class_dir.rglob("*")):
             if image_path.is_file() and image_path.suffix.lower() in IMAGE_SUFFIXES:
                 relative = image_path.relative_to(folder).as_posix()
-                rows.append(
-                    CatalogRow(id=relative, image=relative, path=image_path, labels={label_column: class_dir.name})
-                )
-    if not rows:
+                real = _real(image_path)
+                reason = outside_root_reason(real, image_root)
+                if reason is not None:
+                    bad.append(BadRow(line=0, id=relative, image=relative, reason=reason))
+                    continue
+                rows.append(CatalogRow(id=relative, image=relative, path=real, labels={label_column: class_dir.name}))
+    if not rows and not bad:
         raise CatalogError(f"{folder}: no image files in its class folders")
     return Catalog(
-        rows=rows, bad_rows=[], label_columns=[label_column], root=folder, source=str(folder), total=len(rows)
+        rows=rows,
+        bad_rows=bad,
+        label_columns=[label_column],
+        root=folder,
+        source=str(folder),
+        total=len(rows) + len(bad),
+        image_root=image_root,
     )
 
 
@@ -180,7 +235,9 @@ def _read_csv(
     splits,
     tags_column: str | None = None,
     tags_separator: str = "|",
+    image_root: Path | None = None,
 ) -> Catalog:
+    image_root = image_root or _real(path.parent)
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
     except OSError as error:
@@ -238,7 +295,9 @@ def _read_csv(
             empty = [c for c in label_columns if not (record.get(c) or "").strip()]
             if empty:
                 reason = f"empty label in column(s) {', '.join(empty)}"
-        image_path = (root / image) if image else root
+        image_path = _real(root / image) if image else root
+        if reason is None:
+            reason = outside_root_reason(image_path, image_root)
         if reason is None and not image_path.is_file():
             reason = "image file not found" if not image_path.exists() else "image path is not a file"
         if reason is not None:
@@ -263,6 +322,7 @@ def _read_csv(
         source=str(path),
         total=len(records),
         tags_column=tags_column,
+        image_root=image_root,
     )
 
 
@@ -326,3 +386,110 @@ def drop_rare_classes(rows: list[CatalogRow], column: str, min_examples: int) ->
             )
             dropped.append(BadRow(line=row.line, id=row.id, image=row.image, reason=reason))
     return kept, dropped
+
+
+# -- serving catalog photos ------------------------------------------------------------------
+
+#: How many verified photos :func:`open_catalog_image` remembers (path, sha256 -> file stamp).
+VERIFIED_CACHE_SIZE = 100_000
+
+_verified: OrderedDict[tuple[str, str], tuple[int, ...]] = OrderedDict()
+_verified_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    """A catalog photo as served: its bytes, checked against the bundle's record.
+
+    Attributes:
+        data: the file's content (its sha256 is the record's).
+        path: the absolute path it was read from.
+        mtime: its modification time (seconds since the epoch), for ``Last-Modified``.
+    """
+
+    data: bytes
+    path: str
+    mtime: float
+
+
+def open_catalog_image(record, image_root: str | None) -> CatalogImage:
+    """Reads a bundle's catalog photo, only if it is still the file the bundle was built from.
+
+    The rule is the resolved path: ``os.path.realpath(record.path)`` must lie inside
+    ``image_root`` (for a bundle without a recorded root, before format 3: must be
+    ``record.path`` itself, which the build resolved). The file is then opened one path
+    component at a time from the root with ``O_NOFOLLOW``, so a symlink swapped in after the
+    check is refused too. Its size must be the record's ``bytes`` and its sha256 the record's
+    ``sha256``; the hash is computed once per file state (device, inode, size, mtime, ctime)
+    and remembered, so a hot photo is not hashed on every request.
+
+    Args:
+        record: the photo's ``manifest.CatalogRecord``.
+        image_root: the manifest's ``catalog.image_root`` (None for older bundles).
+
+    Returns:
+        The photo's bytes, path and mtime.
+
+    Raises:
+        CatalogImageError: ``reason`` ``missing`` (no such file, or not a regular file),
+            ``outside_root`` (it resolves outside the root, or a path component is a symlink)
+            or ``changed`` (size or sha256 differ from the build's).
+    """
+    real = os.path.realpath(record.path)
+    root = image_root if image_root is not None else os.path.sep
+    if image_root is None and real != record.path:
+        raise CatalogImageError(f"{record.path} is now a symlink (to {real})", "outside_root")
+    if outside_root_reason(Path(real), Path(root)) is not None:
+        raise CatalogImageError(f"{record.path} resolves to {real}, outside the image root {root}", "outside_root")
+    descriptor = _open_inside(root, Path(real).relative_to(root).parts, record.path)
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise CatalogImageError(f"{record.path} is not a regular file", "missing")
+        if record.bytes is not None and status.st_size != record.bytes:
+            raise CatalogImageError(
+                f"{record.path} has {status.st_size} bytes, the bundle recorded {record.bytes} (changed)", "changed"
+            )
+        data = handle.read()
+    key = (record.path, record.sha256)
+    stamp = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    with _verified_lock:
+        known = _verified.get(key) == stamp
+        if known:
+            _verified.move_to_end(key)
+    if not known:
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            raise CatalogImageError(f"{record.path} does not match its sha256 in the bundle (changed)", "changed")
+        with _verified_lock:
+            _verified[key] = stamp
+            while len(_verified) > VERIFIED_CACHE_SIZE:
+                _verified.popitem(last=False)
+    return CatalogImage(data=data, path=real, mtime=status.st_mtime)
+
+
+def _open_inside(root: str, parts: tuple[str, ...], shown: str) -> int:
+    """Opens ``root/parts...`` for reading without following a symlink at any component."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    directory_flags = flags | getattr(os, "O_DIRECTORY", 0)
+    try:
+        current = os.open(root, directory_flags)
+    except OSError as error:
+        raise CatalogImageError(f"image root {root} cannot be opened ({error.strerror})", "missing") from None
+    try:
+        for position, part in enumerate(parts):
+            last = position == len(parts) - 1
+            try:
+                opened = os.open(part, flags if last else directory_flags, dir_fd=current)
+            except FileNotFoundError:
+                raise CatalogImageError(f"{shown} is missing", "missing") from None
+            except OSError as error:  # ELOOP / ENOTDIR: a symlink took a component's place
+                raise CatalogImageError(f"{shown} cannot be opened inside the image root ({error.strerror})",
+                                        "outside_root") from None  # fmt: skip
+            os.close(current)
+            current = opened
+        if not parts:
+            raise CatalogImageError(f"{shown} is the image root itself, not a file", "missing")
+        return current
+    except BaseException:
+        os.close(current)
+        raise

@@ -35,6 +35,8 @@ class BuildConfig:
         tag_threshold_mode: ``global`` (one tuned threshold) or ``per_tag``.
         split_column: CSV column naming each row's split (used with ``splits``).
         splits: keep only rows of these splits (e.g. train, validation); None keeps all.
+        image_root: the folder catalog photos must lie in (default None: the CSV's folder, or
+            the folder catalog itself); rows whose photo resolves outside it are bad rows.
         backbone: backbone name, weights, input size and init seed.
         train: classifier hyper-parameters (its ``seed`` is the build's seed).
         flips: extract mirrored-image features (training augmentation, flip-averaged
@@ -62,6 +64,7 @@ class BuildConfig:
     tag_threshold_mode: str = DEFAULT_THRESHOLD_MODE
     split_column: str = "split"
     splits: tuple[str, ...] | None = None
+    image_root: Path | None = None
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     flips: bool = True

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recommender.backbones import load_backbone
-from recommender.bundle import read_catalog_rows, read_classifier, verify_bundle
+from recommender.bundle import load_bundle_backbone, read_catalog_rows, read_classifier, verify_bundle
 from recommender.errors import BundleError, FilterError, QueryError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
 from recommender.manifest import CatalogRecord, Manifest
@@ -314,13 +313,7 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
 
     path = Path(path).resolve()
     manifest = verify_bundle(path)
-    random_weights = path / "backbone.weights.h5" if (path / "backbone.weights.h5").exists() else None
-    backbone = load_backbone(manifest.backbone.spec, random_weights_path=random_weights)
-    if backbone.identity["key"] != manifest.backbone.identity_key:
-        raise BundleError(
-            f"{path}: the backbone here ({backbone.identity}) differs from the one the bundle was built with "
-            f"({dict(manifest.backbone.identity)}); rebuild the bundle or supply the same weights"
-        )
+    backbone = load_bundle_backbone(path, manifest)  # the bundle's own copy of a file backbone
     classifier, embedding_scaler = read_classifier(path, manifest)
     index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu)
     rows = read_catalog_rows(path, manifest.counts.items)

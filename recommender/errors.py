@@ -23,6 +23,18 @@ class CatalogError(RecommenderError):
         self.bad_rows = list(bad_rows or [])
 
 
+class CatalogImageError(RecommenderError):
+    """A catalog photo cannot be served: missing, outside the bundle's image root, or changed.
+
+    Attributes:
+        reason: ``missing``, ``outside_root`` or ``changed`` (size or sha256 not the build's).
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class BackboneError(RecommenderError):
     """A backbone name is unknown or its model file cannot be loaded."""
 

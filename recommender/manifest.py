@@ -7,11 +7,14 @@ here and only here: a malformed file fails once, as one :class:`BundleError` nam
 field (``counts.items: expected an integer, got 'lots'``), instead of as a ``KeyError``
 deep inside a reader. Readers use attributes, never string keys.
 
-Layout of ``manifest.json`` (format version 2; version 1 manifests lack nothing read here)::
+Layout of ``manifest.json`` (format version 3; versions 1 and 2 lack ``backbone.file``,
+``catalog.image_root`` and the records' ``bytes``, and are read without them)::
 
     format_version, bundle_id, created_at, libraries {name: version}
-    backbone   {spec {name, weights, input_size, seed}, identity {key, ...}}
-    catalog    {source, label_columns [..], hierarchy [..] | null, tags_column | null}
+    backbone   {spec {name, weights, input_size, seed}, identity {key, ...},
+                file {path, source} | null}
+    catalog    {source, label_columns [..], hierarchy [..] | null, tags_column | null,
+                image_root | null}
     embedding  {dimension, flip_average, layer}
     index      {kind, size}
     counts     {items, catalog_rows, bad_rows, classes {column: n}, taxonomy_paths, tags}
@@ -23,6 +26,7 @@ Layout of ``manifest.json`` (format version 2; version 1 manifests lack nothing 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -144,13 +148,33 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class BackboneFile:
+    """The file a file-backed backbone was loaded from, carried inside the bundle.
+
+    Attributes:
+        path: where the bundle keeps its copy, relative to the bundle (``backbone/NAME``); its
+            sha256 and size are in the manifest's ``files`` like every other file.
+        source: the absolute path it was copied from at build time (for the record only: a
+            loaded bundle never opens it).
+    """
+
+    path: str
+    source: str
+
+
+@dataclass(frozen=True)
 class BackboneRecord:
     """The backbone a bundle was built with.
 
     Attributes:
-        spec: what re-creates it (``recommender.backbones.BackboneSpec`` fields).
-        identity: what it is (kind, weights, feature width ...); ``identity_key`` is compared
-            with the loaded backbone's so a bundle never meets other features.
+        spec: what re-creates it (``recommender.backbones.BackboneSpec`` fields), with file
+            paths as resolved at build time.
+        identity: what it is (kind, weights, feature width, the weights' sha256 ...);
+            ``identity_key`` is compared with the loaded backbone's so a bundle never meets
+            other features.
+        file: the bundle's copy of a TFLite model or explicit weights file; None for ImageNet
+            weights (identified by ``identity["weights_sha256"]``, found in the Keras cache),
+            random init (``backbone.weights.h5``) and bundles before format version 3.
     """
 
     name: str
@@ -158,6 +182,7 @@ class BackboneRecord:
     input_size: int
     seed: int
     identity: Mapping[str, Any]
+    file: BackboneFile | None = None
 
     @property
     def identity_key(self) -> str:
@@ -171,20 +196,28 @@ class BackboneRecord:
         return BackboneSpec(name=self.name, weights=self.weights, input_size=self.input_size, seed=self.seed)
 
     def to_json(self) -> dict:
-        return {
+        payload = {
             "spec": {"name": self.name, "weights": self.weights, "input_size": self.input_size, "seed": self.seed},
             "identity": _plain(self.identity),
         }
+        if self.file is not None:
+            payload["file"] = {"path": self.file.path, "source": self.file.source}
+        return payload
 
 
 @dataclass(frozen=True)
 class CatalogInfo:
-    """Which catalog and which of its columns the bundle was trained on."""
+    """Which catalog and which of its columns the bundle was trained on.
+
+    ``image_root`` is the folder (absolute, symlinks resolved) every catalog photo lay in at
+    build time; the web app serves only files inside it. None in bundles before format 3.
+    """
 
     source: str
     label_columns: tuple[str, ...]
     hierarchy: tuple[str, ...] | None = None
     tags_column: str | None = None
+    image_root: str | None = None
 
     @property
     def primary_column(self) -> str:
@@ -199,6 +232,7 @@ class CatalogInfo:
             "label_columns": list(self.label_columns),
             "hierarchy": list(self.hierarchy) if self.hierarchy else None,
             "tags_column": self.tags_column,
+            "image_root": self.image_root,
         }
 
 
@@ -315,6 +349,7 @@ class Manifest:
         unknown = sorted(set(spec.payload) - {"name", "weights", "input_size", "seed"})
         if unknown:
             spec.fail(unknown[0], "unknown field (a bundle from a newer version?)")
+        backbone_file = backbone.child("file", optional=True)
         catalog = reader.child("catalog", optional=True)
         embedding = reader.child("embedding")
         index = reader.child("index", optional=True)
@@ -351,12 +386,16 @@ class Manifest:
                 input_size=spec.integer("input_size", minimum=1),
                 seed=spec.integer("seed", minimum=None),
                 identity=MappingProxyType(dict(identity.payload)),
+                file=BackboneFile(path=backbone_file.string("path"), source=backbone_file.string("source"))
+                if backbone_file
+                else None,
             ),
             catalog=CatalogInfo(
                 source=catalog.string("source", optional=True) or "",
                 label_columns=catalog.strings("label_columns", optional=True) or (),
                 hierarchy=catalog.strings("hierarchy", optional=True),
                 tags_column=catalog.string("tags_column", optional=True),
+                image_root=catalog.string("image_root", optional=True),
             )
             if catalog
             else CatalogInfo(source="", label_columns=tuple(classes.payload) if classes else ()),
@@ -414,8 +453,10 @@ class CatalogRecord:
     Attributes:
         id: the product id.
         image: the image path as written in the catalog.
-        path: the resolved image path at build time.
+        path: the image's absolute path at build time, symlinks resolved (inside the
+            manifest's ``catalog.image_root``), so any working directory serves it.
         sha256: hex digest of the image bytes (the feature store's key).
+        bytes: the image file's size at build time; None in bundles before format 3.
         labels: label column -> value.
         extra: the row's other columns (title, price ...), kept for display.
         tags: the row's tags (with a tags column), sorted; None without one.
@@ -428,14 +469,24 @@ class CatalogRecord:
     labels: Mapping[str, str]
     extra: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] | None = None
+    bytes: int | None = None
 
     @classmethod
-    def from_row(cls, row, sha256: str, with_tags: bool) -> CatalogRecord:
-        """The record of a build's ``recommender.catalog.CatalogRow`` whose image hashes to ``sha256``."""
+    def from_row(cls, row, sha256: str, with_tags: bool, size: int | None = None) -> CatalogRecord:
+        """The record of a build's ``recommender.catalog.CatalogRow`` whose image hashes to ``sha256``.
+
+        Args:
+            row: the catalog row.
+            sha256: the hex digest of its image bytes.
+            with_tags: the catalog has a tags column.
+            size: the image's size in bytes (read from the file when not given).
+        """
+        path = os.path.realpath(row.path)
         return cls(
             id=row.id,
             image=row.image,
-            path=str(row.path.resolve()),
+            path=path,
+            bytes=os.stat(path).st_size if size is None else size,
             sha256=sha256,
             labels=MappingProxyType(dict(row.labels)),
             extra=MappingProxyType(dict(row.extra)),
@@ -455,6 +506,7 @@ class CatalogRecord:
             image=reader.string("image"),
             path=reader.string("path"),
             sha256=reader.string("sha256"),
+            bytes=reader.integer("bytes", optional=True),
             labels=reader.string_map("labels"),
             extra=reader.string_map("extra", optional=True) or MappingProxyType({}),
             tags=reader.strings("tags", optional=True),
@@ -469,6 +521,8 @@ class CatalogRecord:
             "labels": dict(self.labels),
             "extra": dict(self.extra),
         }
+        if self.bytes is not None:
+            record["bytes"] = self.bytes
         if self.tags is not None:
             record["tags"] = list(self.tags)
         return record

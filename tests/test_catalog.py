@@ -42,9 +42,58 @@ def test_image_path_is_the_id_without_id_column(photo_folder):
 
 def test_paths_are_relative_to_the_csv_folder(photo_folder, tmp_path_factory):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
-    path = write_csv(elsewhere / "cat.csv", f"file,label\n{photo_folder.name}/a.jpg,shirt\n")
-    (elsewhere / photo_folder.name).symlink_to(photo_folder)
-    assert read_catalog(path).rows[0].path.is_file()
+    (elsewhere / "photos").mkdir()
+    shutil.copy(photo_folder / "a.jpg", elsewhere / "photos" / "a.jpg")
+    path = write_csv(elsewhere / "cat.csv", "file,label\nphotos/a.jpg,shirt\n")
+    row = read_catalog(path).rows[0]
+    assert row.path == (elsewhere / "photos" / "a.jpg").resolve() and row.path.is_absolute()
+    assert read_catalog(path).image_root == elsewhere.resolve()
+
+
+def test_photos_outside_the_image_root_are_bad_rows(photo_folder, tmp_path_factory):
+    """``../x``, an absolute path elsewhere and a symlinked folder leaving the CSV's folder are
+    bad rows with their reason; an explicit image root that holds them admits them."""
+    shop = tmp_path_factory.mktemp("shop")
+    catalogs = shop / "catalogs"
+    catalogs.mkdir()
+    shutil.copy(photo_folder / "a.jpg", shop / "secret.png")
+    shutil.copy(photo_folder / "b.jpg", catalogs / "inside.jpg")
+    (catalogs / "linked").symlink_to(photo_folder)  # a folder link leading out of the catalog folder
+    text = (
+        "id,file,label\n1,inside.jpg,x\n2,../secret.png,x\n"
+        f"3,{photo_folder / 'c.jpg'},x\n4,linked/d.jpg,x\n5,{catalogs / 'inside.jpg'},x\n"
+    )
+    path = write_csv(catalogs / "cat.csv", text)
+    catalog = read_catalog(path, id_column="id")
+    assert [row.id for row in catalog.rows] == ["1", "5"]  # an absolute path inside the root is fine
+    reasons = {bad.id: bad.reason for bad in catalog.bad_rows}
+    assert set(reasons) == {"2", "3", "4"}
+    assert reasons["2"] == (
+        f"image path resolves to {(shop / 'secret.png').resolve()}, outside the image root {catalogs.resolve()} "
+        "(see --image-root)"
+    )
+    assert f"resolves to {(photo_folder / 'c.jpg').resolve()}, outside" in reasons["3"]
+    assert f"resolves to {(photo_folder / 'd.jpg').resolve()}, outside" in reasons["4"]
+    # A missing file outside the root is refused for leaving the root, the first problem.
+    missing = read_catalog(write_csv(catalogs / "m.csv", "file,label\n../nothing.jpg,x\ninside.jpg,x\n"))
+    assert "outside the image root" in missing.bad_rows[0].reason
+
+    wider = read_catalog(path, id_column="id", image_root=shop)
+    assert [row.id for row in wider.rows] == ["1", "2", "5"] and wider.image_root == shop.resolve()
+    assert wider.rows[1].path == (shop / "secret.png").resolve()
+    with pytest.raises(CatalogError, match="image root .* is not a folder"):
+        read_catalog(path, image_root=shop / "nowhere")
+
+
+def test_folder_catalog_confines_its_photos(tmp_path, image_files):
+    (tmp_path / "shirt").mkdir()
+    shutil.copy(image_files["rgb_jpeg"], tmp_path / "shirt" / "0.jpg")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.jpg"
+    shutil.copy(image_files["rgb_jpeg"], outside)
+    (tmp_path / "shirt" / "1.jpg").symlink_to(outside)
+    catalog = read_catalog(tmp_path, label_columns=["category"])
+    assert [row.id for row in catalog.rows] == ["shirt/0.jpg"] and catalog.total == 2
+    assert catalog.bad_rows[0].id == "shirt/1.jpg" and "outside the image root" in catalog.bad_rows[0].reason
 
 
 def test_bad_rows_are_reported_with_reasons(photo_folder):

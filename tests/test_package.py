@@ -8,12 +8,17 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("recommender", "indexer", "webapp")
 
 
-def test_wheel_ships_every_module_template_and_static_file(tmp_path):
-    # Build from a clean copy: an in-tree build/ folder could hide a file the wheel would miss.
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built once from a clean copy of the source (returns the .whl path)."""
+    # A clean copy: an in-tree build/ folder could hide a file the wheel would miss.
+    tmp_path = tmp_path_factory.mktemp("wheel")
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -28,7 +33,12 @@ def test_wheel_ships_every_module_template_and_static_file(tmp_path):
         timeout=300,
     )
     assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("recommender-*.whl")
+    (built_wheel,) = tmp_path.glob("recommender-*.whl")
+    return built_wheel
+
+
+def test_wheel_ships_every_module_template_and_static_file(wheel):
+    source = wheel.parent / "source"  # the clean copy it was built from
     shipped = set(zipfile.ZipFile(wheel).namelist())
     needed = {
         path.relative_to(source).as_posix()
@@ -84,3 +94,96 @@ def test_dependencies_serve_evaluate_and_pin_keras_past_its_safe_mode_cves():
     gpu = (ROOT / "requirements-gpu.txt").read_text(encoding="utf-8").splitlines()
     assert "tensorflow[and-cuda]>=2.20,<2.22" in gpu and "faiss-gpu-cu12>=1.9" in gpu
     assert not any(line.startswith(("faiss-cpu", "tensorflow>")) for line in gpu)
+
+
+def _serve(command: list[str], cwd: Path, env: dict, timeout_s: float = 300) -> tuple[subprocess.Popen, list[str]]:
+    """Starts a server; returns it and its stdout lines up to the one with its URL (or fails)."""
+    import selectors
+    import time
+
+    server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(server.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while not any(line.startswith("open http://") for line in lines):
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"the server did not start: {lines} {server.communicate()[1][-3000:]}")
+            if selector.select(timeout=1):
+                lines.append(server.stdout.readline())
+    return server, lines
+
+
+def test_installed_wheel_not_the_checkout_serves_page_static_file_and_upload(wheel, tiny_bundle, image_files, tmp_path):
+    import json
+    import os
+    import urllib.request
+    import uuid
+
+    # The wheel's files alone, not editable (dependencies come from the dev venv's site-packages,
+    # which the fresh directory shadows: PYTHONPATH comes before the editable install's finder).
+    target = tmp_path / "installed"
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import sys, recommender, webapp; print('served from', webapp.__file__, recommender.__file__, flush=True); "
+        "from recommender.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    server, lines = _serve(
+        [sys.executable, "-c", code, "serve", "--bundle", str(tiny_bundle), "--host", "127.0.0.1", "--port", "0"],
+        cwd=elsewhere,
+        env=env,
+    )
+    try:
+        served_from = next(line for line in lines if line.startswith("served from")).split()[2:]
+        assert all(Path(path).is_relative_to(target) for path in served_from), served_from
+        url = next(line for line in lines if line.startswith("open http://")).split()[1].rstrip("/")
+
+        with urllib.request.urlopen(f"{url}/", timeout=60) as response:
+            assert response.status == 200 and "<form" in response.read().decode()
+        with urllib.request.urlopen(f"{url}/static/style.css", timeout=60) as response:
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/css")
+            assert response.read() == (target / "webapp" / "static" / "style.css").read_bytes()
+
+        boundary = uuid.uuid4().hex
+        photo = image_files["rgb_jpeg"].read_bytes()
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="shirt.jpg"\r\n'
+                "Content-Type: image/jpeg\r\n\r\n"
+            ).encode()
+            + photo
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        request = urllib.request.Request(
+            f"{url}/api/v1/similar?k=3",
+            data=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+            assert len(json.loads(response.read())["neighbors"]) == 3
+    finally:
+        server.kill()
+        server.communicate(timeout=30)

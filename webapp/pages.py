@@ -149,12 +149,36 @@ def catalog_image(item_id: str):
     """``GET /catalog/<id>/image``: a catalog item's photo, by id only.
 
     The file is the one the served bundle's catalog row names; nothing from the request ever
-    becomes part of a file path. The row's content hash is the ETag, so a browser revalidates
-    with ``If-None-Match`` and gets 304 while the photo is unchanged.
+    becomes part of a file path. It is served only while it lies inside the bundle's image
+    root (not through a symlink leaving it: 403) and still has the size and sha256 it had at
+    build time (404 otherwise, like a missing file); see ``catalog.open_catalog_image``. The
+    row's content hash is the ETag, so a browser revalidates with ``If-None-Match`` and gets
+    304 while the photo is unchanged.
     """
+    from io import BytesIO
+
+    from werkzeug.exceptions import Forbidden
+
+    from recommender.catalog import open_catalog_image
+    from recommender.errors import CatalogImageError
+
     row = service.catalog_row(item_id)
-    path = Path(row.path)
-    if not path.is_file():
-        log.warning("the photo of catalog item %r is missing: %s", item_id, path)
-        raise NotFound(f"the photo of item {item_id!r} is not available")
-    return send_file(path, etag=row.sha256, max_age=current_app.config["WEB"].image_max_age_s, conditional=True)
+    try:
+        image = open_catalog_image(row, service.engine().manifest.catalog.image_root)
+    except CatalogImageError as error:
+        log.warning("refusing the photo of catalog item %r (%s): %s", item_id, error.reason, error)
+        if error.reason == "outside_root":
+            refused = Forbidden(f"the photo of item {item_id!r} lies outside the image root of the catalog")
+        else:
+            changed = " (it changed since the bundle was built)" if error.reason == "changed" else ""
+            refused = NotFound(f"the photo of item {item_id!r} is not available{changed}")
+        refused.code_name = f"image_{error.reason}"
+        raise refused from None
+    return send_file(
+        BytesIO(image.data),
+        download_name=Path(row.path).name,
+        etag=row.sha256,
+        last_modified=image.mtime,
+        max_age=current_app.config["WEB"].image_max_age_s,
+        conditional=True,
+    )

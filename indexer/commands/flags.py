@@ -45,6 +45,14 @@ def add_catalog_columns(
         help="CSV column with product ids (default: the image path is the id)",
     )
     group.add_argument("--label-column", action="append", dest="label_columns", metavar="COLUMN", help=label_help)
+    group.add_argument(
+        "--image-root",
+        type=Path,
+        default=defaults.image_root,
+        metavar="FOLDER",
+        help="folder every catalog photo must lie in, symlinks resolved; rows whose photo lies outside are bad rows "
+        "and the web app serves only files inside it (default: the CSV's folder, or the folder catalog itself)",
+    )
     if with_label_structure:
         group.add_argument(
             "--hierarchy",
@@ -200,7 +208,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
     Raises:
         CatalogError: a malformed ``--hierarchy``.
     """
-    from recommender.backbones import BackboneSpec, default_input_size
+    from recommender.backbones import BackboneSpec, default_input_size, resolved_spec
     from recommender.config import BuildConfig
     from recommender.labels import parse_hierarchy
 
@@ -227,7 +235,8 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         tag_threshold_mode=args.tag_thresholds,
         split_column=args.split_column,
         splits=tuple(args.splits) if args.splits else None,
-        backbone=spec,
+        image_root=args.image_root,
+        backbone=resolved_spec(spec),  # a file backbone's path absolute: the bundle records no cwd
         train=train,
         flips=not args.no_flips,
         flip_average=not args.no_flips,
