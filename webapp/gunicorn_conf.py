@@ -100,9 +100,11 @@ keepalive = 5
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
-# Access log on stdout, errors (WORKER TIMEOUT, dropped bodies) on stderr.
+# Access log on stdout, errors (WORKER TIMEOUT, dropped bodies) on stderr. Each access line
+# names the worker's pid and the time taken, so a slow or stuck worker can be told apart.
 accesslog = "-"
 errorlog = "-"
+access_log_format = '%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms pid=%(p)s'
 
 # -- slow request bodies -------------------------------------------------------------------
 

@@ -1,0 +1,242 @@
+"""The production command: gunicorn with the shipped config survives slow clients and follows a publish in every worker.
+
+One gunicorn (``-c python:webapp.gunicorn_conf``, 2 workers of 4 threads) serves a ``current``
+symlink on 127.0.0.1 for the whole module; it is killed when the module ends.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_webapp_swap import publish
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 240
+RELOAD_INTERVAL_S = 1
+BODY_TIMEOUT_S = 4
+WORKER_TIMEOUT_S = 5  # short: a blocked worker heartbeat would show up as WORKER TIMEOUT here
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """A gunicorn process with the shipped config; its log (access and error lines) is kept in memory."""
+
+    def __init__(self, pointer: Path, log_path: Path):
+        self.port = free_port()
+        self.log_path = log_path
+        environment = {
+            **os.environ,
+            "RECOMMENDER_BUNDLE": str(pointer),
+            "RECOMMENDER_RELOAD_INTERVAL": str(RELOAD_INTERVAL_S),
+            "RECOMMENDER_BIND": f"127.0.0.1:{self.port}",
+            "RECOMMENDER_WORKERS": "2",
+            "RECOMMENDER_THREADS": "4",
+            "RECOMMENDER_BODY_TIMEOUT": str(BODY_TIMEOUT_S),
+            "RECOMMENDER_WORKER_TIMEOUT": str(WORKER_TIMEOUT_S),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "python:webapp.gunicorn_conf", "webapp:create_app()"],
+            cwd=ROOT,
+            env=environment,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_until_both_workers_ready(self) -> None:
+        """Waits until both workers have answered (each loads TensorFlow and the bundle after the fork)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"gunicorn exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                self.get("/readyz", timeout=STARTUP_TIMEOUT_S)
+            except OSError:
+                time.sleep(0.5)  # not listening yet
+                continue
+            if len(set(self.pids_seen())) >= 2:
+                return
+        pytest.fail(f"gunicorn not ready after {STARTUP_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+
+    def pids_seen(self) -> list[str]:
+        return re.findall(r"pid=<(\d+)>", self.log())
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None, timeout: float = 30):
+        """One request on a fresh connection (so the two workers share them): ``(status, body, seconds)``."""
+        started = time.perf_counter()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, response.read(), time.perf_counter() - started
+        finally:
+            connection.close()
+
+    def get(self, path: str, timeout: float = 30):
+        return self.request("GET", path, timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_bundle):
+    folder = tmp_path_factory.mktemp("serving")
+    pointer = folder / "current"
+    publish(pointer, tiny_bundle)
+    running = Server(pointer, folder / "gunicorn.log")
+    try:
+        running.wait_until_both_workers_ready()
+        running.pointer = pointer
+        yield running
+    finally:
+        running.stop()
+
+
+class SlowUpload(threading.Thread):
+    """Sends an upload's headers, then a few body bytes every half second, as a slow phone would."""
+
+    def __init__(self, port: int, declared: int = 5000, seconds: float = 8.0):
+        super().__init__(daemon=True)
+        self.port, self.declared, self.seconds = port, declared, seconds
+        self.bytes_sent = 0
+        self.ended_by_server_after: float | None = None
+        self.answer = b""
+
+    def run(self) -> None:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=self.seconds + 10) as sock:
+            sock.sendall(
+                b"POST /api/v1/similar HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+                + f"Content-Length: {self.declared}\r\n\r\n".encode()
+            )
+            sock.settimeout(0.5)
+            while time.monotonic() - started < self.seconds and self.bytes_sent < self.declared:
+                try:
+                    sock.sendall(b"\xff" * 4)
+                    self.bytes_sent += 4
+                except OSError:  # reset by the server
+                    break
+                try:
+                    chunk = sock.recv(65536)  # waits up to 0.5 s: the pace of this client
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                self.answer += chunk
+                if not chunk or self.answer:
+                    break
+            self.ended_by_server_after = time.monotonic() - started if self.answer or self._closed(sock) else None
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            sock.settimeout(2)
+            return sock.recv(1) == b""
+        except (TimeoutError, OSError):
+            return False
+
+
+def test_slow_uploads_do_not_stop_health_checks_or_other_uploads(server, engine):
+    photo = Path(engine.rows[3].path).read_bytes()
+    slow = [SlowUpload(server.port) for _ in range(3)]
+    for client in slow:
+        client.start()
+    time.sleep(1.0)  # the slow bodies are being read by their threads now
+    probes, uploads = [], []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        probes.append(server.get("/healthz", timeout=5))
+        uploads.append(server.request("POST", "/api/v1/similar?k=3", photo, {"Content-Type": "image/jpeg"}, 10))
+        time.sleep(0.25)
+    for client in slow:
+        client.join(20)
+
+    assert probes and all(status == 200 for status, _, _ in probes), probes
+    assert max(seconds for _, _, seconds in probes) < 2.0
+    assert all(status == 200 for status, _, _ in uploads)
+    assert all(json.loads(body)["neighbors"] for _, body, _ in uploads)
+    # The slow bodies were cut off at the body deadline, long before they could finish.
+    for client in slow:
+        assert client.ended_by_server_after is not None, "the server must drop a body that does not arrive"
+        assert client.ended_by_server_after < BODY_TIMEOUT_S + 4 and client.bytes_sent < client.declared
+    log = server.log()
+    assert "WORKER TIMEOUT" not in log and log.count("Booting worker") == 2, log[-3000:]
+    assert "request body not received within" in log
+
+
+def _bundle_answers(server, item_id: str, count: int) -> list[tuple[str, str]]:
+    """``(bundle id, worker pid)`` of item requests, each on its own connection.
+
+    At least ``count`` of them, and more (up to 10x) until both workers have answered: which
+    worker accepts a connection is up to the kernel.
+    """
+    answers = []
+    while len(answers) < count or (len({pid for _, pid in answers}) < 2 and len(answers) < 10 * count):
+        marker = f"probe-{time.monotonic_ns()}"
+        status, body, _ = server.get(f"/api/v1/items/{item_id}/similar?k=2&{marker}")
+        assert status == 200
+        pid = re.search(rf"{marker}[^\n]*pid=<(\d+)>", _wait_for_log(server, marker)).group(1)
+        answers.append((json.loads(body)["bundle"], pid))
+    return answers
+
+
+def _wait_for_log(server, text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.log()
+        if text in log:
+            return log
+        time.sleep(0.05)
+    pytest.fail(f"{text!r} not in the log")
+
+
+def test_every_worker_follows_a_publish_and_a_rollback_without_traffic(server, engine, tiny_bundle, attribute_bundle):
+    from recommender.bundle import read_manifest
+
+    second_bundle = attribute_bundle  # the same catalog with more heads: the same item ids
+    item_id = engine.rows[0].id
+    first_id = engine.bundle_id
+    second_id = read_manifest(second_bundle).bundle_id
+    before = _bundle_answers(server, item_id, 12)
+    assert {bundle for bundle, _ in before} == {first_id} and len({pid for _, pid in before}) == 2
+
+    for target, expected in ((second_bundle, second_id), (tiny_bundle, first_id)):
+        swaps_before = server.log().count(f"now serving bundle {expected}")
+        publish(server.pointer, target)
+        # No request is sent meanwhile: each worker's watcher loads the bundle on its own.
+        deadline = time.monotonic() + 180
+        while server.log().count(f"now serving bundle {expected}") < swaps_before + 2:
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.25)
+        after = _bundle_answers(server, item_id, 12)
+        assert {bundle for bundle, _ in after} == {expected}, after
+        assert len({pid for _, pid in after}) == 2, "both workers must have answered"
