@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from recommender.backbones import BackboneSpec
+from recommender.backbones import BackboneSpec, resolved_spec
 from recommender.bundle import read_manifest
 from recommender.config import BuildConfig
 from recommender.engine import DEFAULT_K
@@ -78,7 +78,8 @@ def run_demo(
         _say(f"generating the demo catalog in {catalog_csv.parent} ...")
         generate_catalog(catalog_csv.parent, per_class=DEMO_PER_CLASS, size=DEMO_IMAGE_SIZE, seed=0)
 
-    spec = BackboneSpec(name="resnet50", weights=weights, input_size=DEMO_IMAGE_SIZE)
+    # Resolved as the build records it, so the reuse check below compares like with like.
+    spec = resolved_spec(BackboneSpec(name="resnet50", weights=weights, input_size=DEMO_IMAGE_SIZE))
     if weights == "imagenet":
         try:
             load_backbone(spec)

@@ -23,7 +23,7 @@ def _catalog_rows(generated_catalog) -> list[dict]:
 def test_build_records_taxonomy_heads_and_tags(attribute_build):
     bundle, report = attribute_build
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert (
         manifest["catalog"]["hierarchy"] == list(ATTRIBUTE_HIERARCHY) and manifest["catalog"]["tags_column"] == "tags"
     )
