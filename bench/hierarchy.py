@@ -137,6 +137,7 @@ def clothing_dataset(workdir: Path, feature_store: Path, quick: bool) -> tuple[D
         splits=("train", "validation"),
         backbone=BackboneSpec(name=f"tflite:{MOBILENET}"),
         feature_store=feature_store,
+        image_root=CLOTHING,  # the CSV lives in the work folder, the photos in ../shared
     )
     catalog = prepare_catalog(source, config)
     test = prepare_catalog(source, replace(config, splits=("test",)))

@@ -32,6 +32,7 @@ def run(catalog: Path, root: Path) -> dict:
     """One rebuild subprocess: wall seconds, job seconds, peak RSS in MB, summary."""
     command = [sys.executable, "-m", "recommender", "rebuild", "--catalog", str(catalog), "--root", str(root)]
     command += ["--backbone", f"tflite:{MOBILENET}", "--label-column", "label", "--id-column", "id"]
+    command += ["--image-root", "/"]  # photos in ../shared and in the temp folder: no common folder to confine to
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
