@@ -209,13 +209,17 @@ def test_format_2_bundle_with_a_relative_model_path(portable, tmp_path, monkeypa
     assert load_bundle(old).query(portable["queries"][0], k=5) == portable["answers"][0]
 
 
-def test_explicit_weights_file_travels_in_the_bundle(generated_catalog, tmp_path, image_files, monkeypatch):
+def test_explicit_weights_file_travels_in_the_bundle(tmp_path, image_files, monkeypatch):
     """--weights PATH (a small MobileNetV2 weights file): copied into the bundle, used from there."""
     from indexer.build import build_bundle
     from recommender.backbones import BackboneSpec, file_sha256, load_backbone
     from recommender.bundle import read_manifest
     from recommender.engine import load_bundle
+    from recommender.synthetic import generate_catalog
 
+    catalog = generate_catalog(
+        tmp_path / "catalog", per_class=2, patterns=("plain", "stripes"), colours=("red", "blue"), size=32
+    )
     spec = BackboneSpec(name="mobilenet_v2", weights="none", input_size=32, seed=3)
     weights = tmp_path / "weights" / "mobilenet.weights.h5"
     weights.parent.mkdir()
@@ -226,8 +230,10 @@ def test_explicit_weights_file_travels_in_the_bundle(generated_catalog, tmp_path
         config,
         backbone=replace(spec, weights="weights/mobilenet.weights.h5"),  # relative to the build's cwd
         train=replace(config.train, max_epochs=2, baseline=False),
+        flips=False,
+        flip_average=False,
     )
-    build_bundle(generated_catalog, tmp_path / "bundle", config)
+    build_bundle(catalog, tmp_path / "bundle", config)
     manifest = read_manifest(tmp_path / "bundle")
     assert manifest.backbone.weights == str(weights.resolve())
     assert manifest.backbone.file.path == "backbone/mobilenet.weights.h5"
