@@ -333,3 +333,51 @@ def test_open_catalog_image_refuses_with_a_typed_reason(portable, tmp_path):
     with pytest.raises(CatalogImageError, match=r"has \d+ bytes, the bundle recorded") as refused:
         open_catalog_image(record, str(root.resolve()))
     assert refused.value.reason == "changed"
+
+
+def _legacy_weights_file(path: Path, seed: int) -> None:
+    """Writes a random-init MobileNetV2 (96 px, no top) in the legacy HDF5 layout Keras's ImageNet files use."""
+    import h5py
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    from recommender.backbones import BackboneSpec, load_backbone
+
+    model = load_backbone(BackboneSpec(name="mobilenet_v2", weights="none", input_size=96, seed=seed)).model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        save_weights_to_hdf5_group(handle, model)
+
+
+def test_imagenet_weights_are_identified_by_the_cached_files_hash(tmp_path, monkeypatch):
+    """No download here: a stand-in file sits in a Keras cache ($KERAS_HOME) under the ImageNet name
+    (mobilenet_v2's files have no published hash for Keras to check). Its sha256 is what the
+    identity records, and a bundle meeting another cached file is refused naming both hashes."""
+    from recommender.backbones import KERAS_APPLICATIONS, BackboneSpec, file_sha256, load_backbone
+    from recommender.bundle import load_bundle_backbone
+    from recommender.manifest import Manifest
+
+    monkeypatch.setattr("keras.src.backend.config._KERAS_DIR", str(tmp_path / "keras"))
+    application = next(row for row in KERAS_APPLICATIONS if row.name == "mobilenet_v2")
+    cached = tmp_path / "keras" / "models" / application.weights_file_for(96)
+    _legacy_weights_file(cached, seed=1)
+    spec = BackboneSpec(name="mobilenet_v2", weights="imagenet", input_size=96)
+    backbone = load_backbone(spec)
+    assert backbone.identity["weights"] == "imagenet" and backbone.model_file is None  # not copied into bundles
+    assert backbone.identity["weights_sha256"] == file_sha256(cached)
+    fields = {
+        "format_version": 3,
+        "bundle_id": "imagenet",
+        "backbone": {"spec": {"name": "mobilenet_v2", "weights": "imagenet", "input_size": 96, "seed": 0},
+                     "identity": backbone.identity},
+        "embedding": {"dimension": 512},
+        "counts": {"items": 0},
+        "files": {},
+    }  # fmt: skip
+    manifest = Manifest.from_json(fields)
+    assert load_bundle_backbone(tmp_path, manifest).identity == backbone.identity
+    recorded = file_sha256(cached)
+    _legacy_weights_file(cached, seed=2)  # another file under the same name in this machine's cache
+    with pytest.raises(
+        BundleError, match=f"Keras cache have sha256 {file_sha256(cached)}, the bundle was built with {recorded}"
+    ):
+        load_bundle_backbone(tmp_path, manifest)
