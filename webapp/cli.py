@@ -1,8 +1,9 @@
 """``recommender serve``: flags for :func:`webapp.server.serve_app` (Flask's threaded server).
 
-Production runs the same app under gunicorn instead::
+Production runs the same app under gunicorn with the shipped config (:mod:`webapp.gunicorn_conf`:
+threaded workers that slow clients cannot take offline; loopback bind, behind a buffering proxy)::
 
-    RECOMMENDER_BUNDLE=artifacts/current gunicorn -w 2 -b 127.0.0.1:8000 'webapp:create_app()'
+    RECOMMENDER_BUNDLE=artifacts/current gunicorn -c python:webapp.gunicorn_conf 'webapp:create_app()'
 """
 
 from __future__ import annotations
