@@ -14,6 +14,7 @@ from recommender.errors import (
     QueryError,
     RecommenderError,
     TrainingError,
+    UnknownItemError,
     WeightsUnavailableError,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "QueryError",
     "RecommenderError",
     "TrainingError",
+    "UnknownItemError",
     "WeightsUnavailableError",
     "load_bundle",
 ]

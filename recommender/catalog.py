@@ -76,6 +76,26 @@ class BadRow:
         return {"line": self.line, "id": self.id, "image": self.image, "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class DisplayColumns:
+    """The catalog columns a shop shows with each product (their values are in ``extra``).
+
+    Attributes:
+        title: the product title (``--title-column``; ``title`` when the catalog has it), or None.
+        price: the price as written (``--price-column``), or None.
+        url: the product page's URL (``--url-column``), or None.
+    """
+
+    title: str | None = None
+    price: str | None = None
+    url: str | None = None
+
+    def flags(self) -> list[tuple[str, str]]:
+        """``(flag, column)`` of each role given a column."""
+        named = (("--title-column", self.title), ("--price-column", self.price), ("--url-column", self.url))
+        return [(flag, column) for flag, column in named if column]
+
+
 @dataclass
 class Catalog:
     """Rows that passed reading checks, the ones that did not, and where they came from.
@@ -88,6 +108,7 @@ class Catalog:
         source: the catalog path as given.
         total: number of data rows read (good + bad).
         tags_column: the multi-label column, or None.
+        display: which columns hold each product's title, price and URL.
         image_root: the folder every row's photo lies in (absolute, symlinks resolved): the
             explicit image root, else ``root``'s; None only for catalogs made in code.
     """
@@ -99,6 +120,7 @@ class Catalog:
     source: str
     total: int
     tags_column: str | None = None
+    display: DisplayColumns = field(default_factory=DisplayColumns)
     image_root: Path | None = None
 
     def without(self, ids: set[str]) -> Catalog:
@@ -111,6 +133,7 @@ class Catalog:
             source=self.source,
             total=self.total,
             tags_column=self.tags_column,
+            display=self.display,
             image_root=self.image_root,
         )
 
@@ -125,6 +148,7 @@ def read_catalog(
     splits: list[str] | tuple[str, ...] | None = None,
     tags_column: str | None = None,
     tags_separator: str = "|",
+    display: DisplayColumns | None = None,
     image_root: str | Path | None = None,
 ) -> Catalog:
     """Reads a CSV manifest or a folder of class folders.
@@ -140,6 +164,8 @@ def read_catalog(
         tags_column: CSV column holding several tags per product (multi-label), or None.
             An empty cell means no tags.
         tags_separator: what separates the tags in one cell.
+        display: the title, price and URL columns; a title column left None is ``title``
+            when the CSV has one. Their values are kept in each row's ``extra``.
         image_root: the folder photos must lie in (default: the CSV's folder, or the folder
             catalog itself). Relative image paths are still relative to the CSV's folder; a
             row whose photo resolves outside the root is a bad row.
@@ -171,6 +197,8 @@ def read_catalog(
             raise CatalogError("--split filters need a CSV catalog with a split column")
         if tags_column:
             raise CatalogError("a tags column needs a CSV catalog")
+        if display is not None and display.flags():
+            raise CatalogError(f"{display.flags()[0][0]} needs a CSV catalog")
         return _read_folder(path, label_columns[0], confine)
     return _read_csv(
         path,
@@ -182,6 +210,7 @@ def read_catalog(
         tags_column,
         tags_separator,
         confine,
+        display=display,
     )
 
 
@@ -236,6 +265,7 @@ def _read_csv(
     tags_column: str | None = None,
     tags_separator: str = "|",
     image_root: Path | None = None,
+    display: DisplayColumns | None = None,
 ) -> Catalog:
     image_root = image_root or _real(path.parent)
     try:
@@ -260,6 +290,7 @@ def _read_csv(
                     f"{path}: missing column(s) {', '.join(missing)}; the header has: {', '.join(header)} "
                     f"(choose columns with --image-column, --id-column, --label-column, --tags-column)"
                 )
+            display = _display_columns(path, header, display or DisplayColumns())
             records = list(reader)
         except UnicodeDecodeError:
             raise CatalogError(f"{path}: not a UTF-8 text CSV file") from None
@@ -279,6 +310,7 @@ def _read_csv(
     rows: list[CatalogRow] = []
     bad: list[BadRow] = []
     seen_ids: dict[str, int] = {}
+    shown = {column for _, column in display.flags()}  # kept in extra even when also a label or id
     for line, record in records:
         image = (record.get(image_column) or "").strip()
         row_id = (record.get(id_column) or "").strip() if id_column else image
@@ -308,7 +340,7 @@ def _read_csv(
         extra = {
             k: (v or "")
             for k, v in record.items()
-            if k not in labels and k not in (image_column, id_column, tags_column) and k is not None
+            if k is not None and (k in shown or (k not in labels and k not in (image_column, id_column, tags_column)))
         }
         tags = split_tags(record.get(tags_column) or "", tags_separator) if tags_column else ()
         rows.append(
@@ -322,8 +354,19 @@ def _read_csv(
         source=str(path),
         total=len(records),
         tags_column=tags_column,
+        display=display,
         image_root=image_root,
     )
+
+
+def _display_columns(path: Path, header: list[str], display: DisplayColumns) -> DisplayColumns:
+    """The display columns with the default title column resolved; a named column must exist."""
+    for flag, column in display.flags():
+        if column not in header:
+            raise CatalogError(f"{path}: no column {column!r} for {flag}; the header has: {', '.join(header)}")
+    if display.title is None and "title" in header:
+        return DisplayColumns(title="title", price=display.price, url=display.url)
+    return display
 
 
 def split_tags(cell: str, separator: str) -> tuple[str, ...]:

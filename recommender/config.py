@@ -25,6 +25,10 @@ class BuildConfig:
     Attributes:
         image_column: CSV column with image paths (relative to the CSV's folder).
         id_column: CSV column with product ids; None uses the image path as the id.
+        title_column: CSV column with the product title shown on cards and in answers; None
+            uses ``title`` when the catalog has that column.
+        price_column: CSV column with the price as displayed (kept as written), or None.
+        url_column: CSV column with the product page's URL, or None.
         label_columns: single-valued label columns; the first is the primary class (the
             hierarchy's leaf level when there is a hierarchy).
         hierarchy: label columns from root to leaf forming a taxonomy (``a>b>c``), or None.
@@ -56,6 +60,9 @@ class BuildConfig:
 
     image_column: str = "file"
     id_column: str | None = None
+    title_column: str | None = None
+    price_column: str | None = None
+    url_column: str | None = None
     label_columns: tuple[str, ...] = ("label",)
     hierarchy: tuple[str, ...] | None = None
     hierarchy_mode: str = DEFAULT_HIERARCHY_MODE

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from recommender.bundle import load_bundle_backbone, read_catalog_rows, read_classifier, verify_bundle
-from recommender.errors import BundleError, FilterError, QueryError
+from recommender.errors import BundleError, FilterError, QueryError, UnknownItemError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
 from recommender.manifest import CatalogRecord, Manifest
 
@@ -40,6 +40,9 @@ class Recommender:
         primary_column: the primary class (the hierarchy's leaf, else the first column).
         classes: per label column, class names by index.
         attributes: which catalog items hold which label value or tag (for filters).
+        title_column, price_column, url_column: the ``extra`` columns holding each item's
+            title (``title`` for bundles that predate the field), price and product URL; None
+            where the bundle has none.
     """
 
     def __init__(self, path: Path, manifest: Manifest, backbone, runner, embedding_scaler, index, rows, label_space):
@@ -60,6 +63,9 @@ class Recommender:
         self.attributes = AttributeIndex(rows, label_space.columns, label_space.tags_column)
         self.flip_average = manifest.flip_average
         self.max_pixels = manifest.max_pixels
+        self.title_column = manifest.catalog.title_column or "title"
+        self.price_column = manifest.catalog.price_column
+        self.url_column = manifest.catalog.url_column
         self._by_id = {row.id: position for position, row in enumerate(rows)}
         self._by_hash: dict[str, list[int]] = {}
         for position, row in enumerate(rows):
@@ -194,12 +200,12 @@ class Recommender:
             ``{"id", "labels", "neighbors"}`` (and ``"tags"``, ``"filter"`` when they apply).
 
         Raises:
-            KeyError: unknown id.
+            UnknownItemError: no catalog item has this id (also a ``KeyError``).
             QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
         check_k(k)
         filters, _ = self._check_filters(filters, ())
-        position = self._by_id[item_id]
+        position = self._position(item_id)
         row = self.rows[position]
         excluded = self._by_hash.get(row.sha256, [position])
         vector = self.index.reconstruct(position)
@@ -214,8 +220,32 @@ class Recommender:
         return answer
 
     def item(self, item_id: str) -> CatalogRecord:
-        """The catalog record of an id (KeyError when unknown)."""
-        return self.rows[self._by_id[item_id]]
+        """The catalog record of an id.
+
+        Raises:
+            UnknownItemError: no catalog item has this id (also a ``KeyError``).
+        """
+        return self.rows[self._position(item_id)]
+
+    def display_fields(self, row: CatalogRecord) -> dict:
+        """What a shop shows of a catalog item besides its photo: ``{"title", "price"?, "url"?}``.
+
+        ``title`` is the title column's value, else the id; ``price`` and ``url`` are there
+        when the bundle has that column (None for an empty cell), as written in the catalog:
+        a page must check a URL's scheme before making it a link.
+        """
+        fields = {"title": row.extra.get(self.title_column) or row.id}
+        if self.price_column:
+            fields["price"] = row.extra.get(self.price_column) or None
+        if self.url_column:
+            fields["url"] = row.extra.get(self.url_column) or None
+        return fields
+
+    def _position(self, item_id: str) -> int:
+        try:
+            return self._by_id[item_id]
+        except (KeyError, TypeError):  # TypeError: an unhashable id
+            raise UnknownItemError(item_id) from None
 
     def _check_filters(self, filters, match_predicted) -> tuple[dict[str, list[str]], list[str]]:
         """Normalises filters to ``{column: [values]}`` and checks them (FilterError when bad)."""
@@ -267,7 +297,11 @@ class Recommender:
         return neighbors, report
 
     def _neighbors(self, positions: np.ndarray, distances: np.ndarray) -> list[dict]:
-        """The answer's neighbour entries for one row of search results (-1 padding skipped)."""
+        """The answer's neighbour entries for one row of search results (-1 padding skipped).
+
+        Each is ``{"id", "distance", "labels", "image", "tags"?, "title", "price"?, "url"?}``:
+        ``tags`` with a tags column, ``title`` / ``price`` / ``url`` as in :meth:`display_fields`.
+        """
         found = []
         for position, distance in zip(positions, distances):
             if position < 0:
@@ -276,6 +310,7 @@ class Recommender:
             neighbor = {"id": row.id, "distance": float(distance), "labels": dict(row.labels), "image": row.image}
             if row.tags is not None:
                 neighbor["tags"] = list(row.tags)
+            neighbor.update(self.display_fields(row))  # title, and price / url with those columns
             found.append(neighbor)
         return found
 

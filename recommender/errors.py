@@ -71,6 +71,25 @@ class FilterError(QueryError):
     """A filter is malformed or names a column or value the bundle does not have."""
 
 
+class UnknownItemError(RecommenderError, KeyError):
+    """A catalog id the bundle does not have.
+
+    Also a ``KeyError``, so code written when an unknown id raised a bare ``KeyError``
+    (``except KeyError``) keeps working; its message is the plain sentence, not KeyError's
+    quoted repr.
+
+    Attributes:
+        item_id: the id asked for.
+    """
+
+    def __init__(self, item_id: str):
+        super().__init__(f"no catalog item with id {item_id!r}")
+        self.item_id = item_id
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class JobLockedError(RecommenderError):
     """Another rebuild holds the artifact root's lock."""
 

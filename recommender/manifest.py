@@ -14,6 +14,7 @@ Layout of ``manifest.json`` (format version 3; versions 1 and 2 lack ``backbone.
     backbone   {spec {name, weights, input_size, seed}, identity {key, ...},
                 file {path, source} | null}
     catalog    {source, label_columns [..], hierarchy [..] | null, tags_column | null,
+                title_column | null, price_column | null, url_column | null,
                 image_root | null}
     embedding  {dimension, flip_average, layer}
     index      {kind, size}
@@ -207,7 +208,11 @@ class BackboneRecord:
 
 @dataclass(frozen=True)
 class CatalogInfo:
-    """Which catalog and which of its columns the bundle was trained on.
+    """Which catalog and which of its columns the bundle was trained on, and which it shows.
+
+    ``title_column``, ``price_column`` and ``url_column`` name the ``extra`` columns that hold
+    each product's title, price and product URL (``--title-column`` ...); None where the
+    build had none, and in bundles that predate them (readers then use a ``title`` column).
 
     ``image_root`` is the folder (absolute, symlinks resolved) every catalog photo lay in at
     build time; the web app serves only files inside it. None in bundles before format 3.
@@ -217,6 +222,9 @@ class CatalogInfo:
     label_columns: tuple[str, ...]
     hierarchy: tuple[str, ...] | None = None
     tags_column: str | None = None
+    title_column: str | None = None
+    price_column: str | None = None
+    url_column: str | None = None
     image_root: str | None = None
 
     @property
@@ -232,6 +240,9 @@ class CatalogInfo:
             "label_columns": list(self.label_columns),
             "hierarchy": list(self.hierarchy) if self.hierarchy else None,
             "tags_column": self.tags_column,
+            "title_column": self.title_column,
+            "price_column": self.price_column,
+            "url_column": self.url_column,
             "image_root": self.image_root,
         }
 
@@ -395,6 +406,9 @@ class Manifest:
                 label_columns=catalog.strings("label_columns", optional=True) or (),
                 hierarchy=catalog.strings("hierarchy", optional=True),
                 tags_column=catalog.string("tags_column", optional=True),
+                title_column=catalog.string("title_column", optional=True),
+                price_column=catalog.string("price_column", optional=True),
+                url_column=catalog.string("url_column", optional=True),
                 image_root=catalog.string("image_root", optional=True),
             )
             if catalog

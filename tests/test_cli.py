@@ -39,7 +39,7 @@ def test_query_prints_one_json_object_per_image(tiny_bundle, engine, capsys):
         assert set(answer["predicted"]) == {"label", "colour"}
         assert set(answer["predicted"]["label"]) == {"label", "probability"}
         assert len(answer["neighbors"]) == 4
-        assert all(set(n) == {"id", "distance", "labels", "image"} for n in answer["neighbors"])
+        assert all(set(n) == {"id", "distance", "labels", "image", "title"} for n in answer["neighbors"])
         assert engine.item(answer["neighbors"][0]["id"])  # neighbours are catalog ids
 
 

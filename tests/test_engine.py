@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recommender.errors import InvalidImageError, QueryError
+from recommender.errors import InvalidImageError, QueryError, UnknownItemError
 from recommender.images import load_image
 
 
@@ -20,7 +20,8 @@ def test_answer_shape(engine, generated_catalog):
         assert 0.0 <= answer["predicted"][head]["probability"] <= 1.0
     assert len(answer["neighbors"]) == 6
     for neighbor in answer["neighbors"]:
-        assert set(neighbor) == {"id", "distance", "labels", "image"}
+        assert set(neighbor) == {"id", "distance", "labels", "image", "title"}  # no price / url columns here
+        assert neighbor["title"] == engine.item(neighbor["id"]).extra["title"]  # the default title column
         assert set(neighbor["labels"]) == {"label", "colour"}
     distances = [n["distance"] for n in answer["neighbors"]]
     assert distances == sorted(distances)
@@ -83,8 +84,11 @@ def test_similar_to_item_uses_stored_embedding(engine):
     by_image = engine.query(row.path, k=6)
     assert row.id not in [n["id"] for n in by_item["neighbors"]]
     assert [n["id"] for n in by_item["neighbors"]] == [n["id"] for n in by_image["neighbors"]]
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownItemError, match="no catalog item with id 'no-such-id'") as caught:
         engine.similar_to_item("no-such-id")
+    assert isinstance(caught.value, KeyError) and caught.value.item_id == "no-such-id"
+    with pytest.raises(UnknownItemError, match="'no-such-id'"):
+        engine.item("no-such-id")
 
 
 @pytest.mark.parametrize("k", [0, 101, -1, 2.5, "6", True])

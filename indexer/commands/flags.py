@@ -24,8 +24,9 @@ def add_catalog_columns(
     Args:
         parser: a subcommand's parser.
         label_help: what ``--label-column`` means to this command (heads to train, to score).
-        with_label_structure: also add ``--hierarchy``, ``--tags-column`` and
-            ``--tags-separator`` (``evaluate`` reads those from the bundle instead).
+        with_label_structure: also add ``--hierarchy``, ``--tags-column``,
+            ``--tags-separator`` and the display columns ``--title-column``, ``--price-column``
+            and ``--url-column`` (``evaluate`` reads those from the bundle instead).
 
     Returns:
         The group, for callers that add more columns to it.
@@ -71,6 +72,26 @@ def add_catalog_columns(
             "--tags-separator",
             default=defaults.tags_separator,
             help="separator of tags in one cell (default: %(default)s)",
+        )
+        group.add_argument(
+            "--title-column",
+            default=defaults.title_column,
+            metavar="COLUMN",
+            help="column with the product title shown on cards and in answers (default: title, when the catalog "
+            "has it; else the id)",
+        )
+        group.add_argument(
+            "--price-column",
+            default=defaults.price_column,
+            metavar="COLUMN",
+            help="column with the price, shown as written on cards and in answers (default: none)",
+        )
+        group.add_argument(
+            "--url-column",
+            default=defaults.url_column,
+            metavar="COLUMN",
+            help="column with the product page's URL: answers carry it, cards link to it when it is http(s) "
+            "(default: none)",
         )
     group.add_argument(
         "--split",
@@ -227,6 +248,9 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         defaults,
         image_column=args.image_column,
         id_column=args.id_column,
+        title_column=args.title_column,
+        price_column=args.price_column,
+        url_column=args.url_column,
         label_columns=label_columns,
         hierarchy=hierarchy,
         hierarchy_mode=args.hierarchy_mode,
