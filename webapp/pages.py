@@ -126,6 +126,8 @@ def item_page(item_id: str):
     row = service.catalog_row(item_id)
     active = parse_filter_args(request.args.getlist("filter"))
     similar = service.similar_to_item(item_id, current_app.config["WEB"].default_k, active)
+    served = service.engine()
+    shown = {served.title_column, served.price_column, served.url_column}  # on the page already
 
     def link(filters: dict[str, list[str]]) -> str:
         return url_for("pages.item_page", item_id=item_id, filter=attributes.filter_tokens(filters)) + "#similar"
@@ -133,7 +135,7 @@ def item_page(item_id: str):
     return render_template(
         "item.html",
         item=service.card(row),
-        extra={key: value for key, value in row.extra.items() if key != "title" and value},
+        extra={key: value for key, value in row.extra.items() if key not in shown and value},
         attributes=attributes.of_item(service.engine(), row, active, link),
         active=attributes.active_filters(active, link),
         filters=active,

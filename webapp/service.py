@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from flask import current_app, g, url_for
 
-from recommender.errors import FilterError
+from recommender.errors import FilterError, UnknownItemError
 from recommender.manifest import CatalogRecord
 from webapp.errors import UnknownItem
 from webapp.inputs import InvalidFilter
@@ -34,7 +35,7 @@ def catalog_row(item_id: str) -> CatalogRecord:
     """
     try:
         return engine().item(item_id)
-    except KeyError:
+    except UnknownItemError:
         raise UnknownItem(item_id) from None
 
 
@@ -66,7 +67,7 @@ def similar_to_item(item_id: str, k: int, filters: dict | None = None) -> dict:
     """
     try:
         return engine().similar_to_item(item_id, k, filters=filters or None)
-    except KeyError:
+    except UnknownItemError:
         raise UnknownItem(item_id) from None
     except FilterError as error:
         raise InvalidFilter(str(error)) from None
@@ -77,17 +78,33 @@ def with_image_urls(neighbors: list[dict]) -> list[dict]:
     return [{**neighbor, "image_url": url_for("pages.catalog_image", item_id=neighbor["id"])} for neighbor in neighbors]
 
 
-def title_of(row: CatalogRecord) -> str:
-    """A product's display title: its catalog ``title`` column, else its id."""
-    title = row.extra.get("title")
-    return str(title) if title else str(row.id)
+def link_target(url: str | None) -> str | None:
+    """``url`` when a page may link to it: an absolute http(s) URL with a host; else None.
+
+    Anything else (``javascript:``, ``data:``, relative paths, URLs with spaces or control
+    characters, which browsers strip before reading the scheme) is shown as no link at all.
+    """
+    if not url or any(ord(character) <= 32 or ord(character) == 127 for character in url):
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. a malformed IPv6 host
+        return None
+    return url if parts.scheme.lower() in ("http", "https") and parts.hostname else None
 
 
 def card(row: CatalogRecord, distance: float | None = None) -> dict:
-    """What a product card shows: title, labels, tags, distance, links."""
+    """What a product card shows: title, price, labels, tags, distance, links.
+
+    ``title`` is the bundle's title column (else the id), ``price`` its price column (None
+    without one), ``product_url`` its URL column when that is an http(s) URL (else None).
+    """
+    shown = engine().display_fields(row)
     return {
         "id": row.id,
-        "title": title_of(row),
+        "title": shown["title"],
+        "price": shown.get("price"),
+        "product_url": link_target(shown.get("url")),
         "labels": dict(row.labels),
         "tags": list(row.tags or ()),
         "distance": distance,
