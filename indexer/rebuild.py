@@ -68,6 +68,9 @@ class Changes:
     changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     relabelled: list[str] = field(default_factory=list)
+    #: Same photo and labels, other shop details (title, price, URL: the ``extra`` columns).
+    #: They need a new bundle, never a new classifier, so they do not count toward retraining.
+    redescribed: list[str] = field(default_factory=list)
     unchanged: int = 0
 
     def counts(self) -> dict[str, int]:
@@ -77,17 +80,18 @@ class Changes:
             "changed": len(self.changed),
             "removed": len(self.removed),
             "relabelled": len(self.relabelled),
+            "redescribed": len(self.redescribed),
             "unchanged": self.unchanged,
         }
 
     @property
     def any(self) -> bool:
         """Whether anything differs."""
-        return bool(self.added or self.changed or self.removed or self.relabelled)
+        return bool(self.added or self.changed or self.removed or self.relabelled or self.redescribed)
 
 
 def diff_catalog(current_rows: list[CatalogRecord], rows, hashes: list[str]) -> Changes:
-    """Compares the current bundle's records with the new catalog's rows, by id, photo hash and labels."""
+    """Compares the current bundle's records with the new catalog's rows, by id, photo hash, labels and details."""
     before = {row.id: row for row in current_rows}
     changes = Changes()
     seen = set()
@@ -100,6 +104,8 @@ def diff_catalog(current_rows: list[CatalogRecord], rows, hashes: list[str]) -> 
             changes.changed.append(row.id)
         elif old.labels != row.labels or tuple(old.tags or ()) != tuple(row.tags):
             changes.relabelled.append(row.id)
+        elif dict(old.extra) != dict(row.extra):
+            changes.redescribed.append(row.id)
         else:
             changes.unchanged += 1
     changes.removed = [i for i in before if i not in seen]
@@ -320,7 +326,8 @@ def summary_lines(summary: dict) -> list[str]:
     if counts:
         lines.append(
             "  photos: {added} added, {changed} changed, {removed} removed, {relabelled} relabelled, "
-            "{unchanged} unchanged, {failed} failed; {extracted} through the backbone".format(**counts)
+            "{redescribed} redescribed, {unchanged} unchanged, {failed} failed; "
+            "{extracted} through the backbone".format(**counts)
         )
     if "retrain_reason" in summary:
         lines.append(f"  classifier: {'retrained' if summary['retrain'] else 'reused'} ({summary['retrain_reason']})")

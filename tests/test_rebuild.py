@@ -94,6 +94,7 @@ def test_incremental_counts_and_reuse(photos, build_config, tmp_path):
         "changed": 1,
         "removed": 3,
         "relabelled": 0,
+        "redescribed": 0,
         "unchanged": 32,
         "failed": 0,
         "extracted": 3,

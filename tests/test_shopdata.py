@@ -343,3 +343,28 @@ def test_the_readme_python_example(tiny_bundle, generated_catalog, capsys):
     first = answer["neighbors"][0]
     assert printed[0] == f"{first['id']} {engine.item(first['id']).extra['title']} {round(first['distance'], 2)}"
     assert printed[6] == engine.item(panel["neighbors"][0]["id"]).extra["title"]
+
+
+# -- the nightly rebuild --------------------------------------------------------------------
+
+
+def test_a_new_price_alone_makes_the_rebuild_publish_without_retraining(tmp_path):
+    """A changed title, price or URL is a change (a new bundle), not a reason to retrain."""
+    from indexer.build import ClassifierReuse
+    from indexer.rebuild import decide_retrain, diff_catalog
+    from recommender.catalog import CatalogRow
+    from recommender.manifest import CatalogRecord
+
+    def row(item_id: str, cost: str) -> CatalogRow:
+        extra = {"name": f"Tee {item_id}", "cost": cost}
+        return CatalogRow(id=item_id, image=f"{item_id}.jpg", path=tmp_path, labels={"label": "tee"}, extra=extra)
+
+    current = [CatalogRecord.from_row(r, r.id, with_tags=False, size=1) for r in (row("x", "9.99"), row("y", "5"))]
+    changes = diff_catalog(current, [row("x", "7.99"), row("y", "5")], ["x", "y"])
+    assert changes.redescribed == ["x"] and changes.unchanged == 1 and changes.any
+    assert changes.counts()["redescribed"] == 1
+    reuse = ClassifierReuse(True, same_labels=True)
+    assert decide_retrain("auto", changes, reuse, 0.2, 2) == (
+        False,
+        "0.0% of the catalog changed (threshold 20%): classifier reused",
+    )
