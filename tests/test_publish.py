@@ -30,7 +30,7 @@ def published_history(root) -> list[dict]:
     return [json.loads(line) for line in (root / "published.jsonl").read_text().splitlines()]
 
 
-def test_a_bundle_killed_in_its_gate_is_never_offered(photos, build_config, tmp_path):
+def test_a_bundle_killed_in_its_gate_is_never_offered(photos, build_config, tmp_path, capsys):
     """Issue 12 case 7: kill a rebuild during its gate, run a normal rebuild, then roll back:
     ``current`` must go back to the bundle published before, never to the unvalidated one."""
     folder, rows, extra = photos
@@ -49,6 +49,12 @@ def test_a_bundle_killed_in_its_gate_is_never_offered(photos, build_config, tmp_
     assert [bundle["id"] for bundle in report["bundles"]] == [first["bundle_id"]]
     assert report["staged"] == [{"id": staged[0], "state": "left by an interrupted run"}]
     assert report["runs"][-1]["state"] == "interrupted" and report["runs"][-1]["staged"] == staged[0]
+    from recommender.cli import main
+
+    assert main(["status", "--root", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert f"staged {staged[0]}  left by an interrupted run; not a rollback target" in text
+    assert f"interrupted staged {staged[0]}" in text
     with pytest.raises(PublishError, match="no published bundle older"):
         rollback(root)
     with pytest.raises(PublishError, match=rf"no published bundle {staged[0]!r}"):

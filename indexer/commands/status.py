@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
         changed = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(
             f"  {entry['run_id']}  {entry['state']:<11s} "
-            f"{entry.get('bundle_id') or entry.get('reason') or entry.get('message') or ''}  {changed}"
+            f"{entry.get('bundle_id') or entry.get('reason') or entry.get('message') or staged_note(entry)}  {changed}"
         )
     return 0
+
+
+def staged_note(entry: dict) -> str:
+    """``staged <id>`` for a run that staged a bundle and ended without a verdict (e.g. killed)."""
+    return f"staged {entry['staged']}" if entry.get("staged") else ""
