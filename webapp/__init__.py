@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 
@@ -50,6 +49,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         WeightsUnavailableError: the bundle's backbone weights cannot be had here.
     """
     from recommender.engine import load_bundle
+    from webapp import cors, observability
     from webapp.api import api
     from webapp.bundles import LiveBundle
     from webapp.errors import register_error_handlers
@@ -60,6 +60,8 @@ def create_app(config: Mapping | None = None) -> Flask:
     if settings.bundle is None:
         raise ConfigError("no bundle to serve: set RECOMMENDER_BUNDLE or pass --bundle / config={'bundle': PATH}")
 
+    # Before Flask first touches app.logger, so it finds our handler and adds none of its own.
+    observability.configure_logging(settings.log_format)
     app = Flask(__name__)
     app.config.update(
         WEB=settings,
@@ -71,21 +73,18 @@ def create_app(config: Mapping | None = None) -> Flask:
     )
     app.config.update({key: value for key, value in (config or {}).items() if key.isupper()})
     app.json.sort_keys = False  # keep the engine's order: nearest neighbour first, primary head first
-    if app.logger.level == logging.NOTSET:
-        app.logger.setLevel(logging.INFO)  # bundle swaps are worth a line in the server log
 
     live = LiveBundle(settings.bundle, settings.reload_interval_s, load_bundle)
     live.load_now()
     app.extensions["live_bundle"] = live
 
+    # Request id, timer, request log line and metrics first: every other hook sees the id.
+    observability.install(app, live, metrics_enabled=settings.metrics)
+    cors.install(app, settings.cors_origins)
     app.register_blueprint(pages)
     app.register_blueprint(api)
     app.register_blueprint(health)
     register_error_handlers(app)
-
-    @app.before_request
-    def start_timer():
-        g.request_started = time.perf_counter()
 
     @app.after_request
     def add_headers(response):

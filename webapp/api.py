@@ -81,3 +81,17 @@ def similar_to_item(item_id: str):
     return jsonify(
         {**answer, "neighbors": service.with_image_urls(answer["neighbors"]), "bundle": service.engine().bundle_id}
     )
+
+
+@api.get("/openapi.json")
+def openapi_json():
+    """``GET /api/v1/openapi.json``: the OpenAPI 3.1 document of this API for the bundle being served."""
+    from webapp.openapi import openapi_document
+
+    served = service.engine()
+    key = (served.bundle_id, str(served.path))  # not the engine itself: an old bundle must not stay in memory
+    cached = current_app.extensions.get("openapi")
+    if cached is None or cached[0] != key:
+        cached = (key, openapi_document(served, current_app.config["WEB"]))
+        current_app.extensions["openapi"] = cached  # one per served bundle: rebuilt after a swap
+    return jsonify(cached[1])

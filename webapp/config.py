@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,16 @@ ENVIRONMENT_VARIABLES = {
     "RECOMMENDER_MAX_UPLOAD_MB": "max_upload_mb",
     "RECOMMENDER_RELOAD_INTERVAL": "reload_interval_s",
     "RECOMMENDER_IMAGE_MAX_AGE": "image_max_age_s",
+    "RECOMMENDER_CORS_ORIGINS": "cors_origins",
+    "RECOMMENDER_LOG_FORMAT": "log_format",
+    "RECOMMENDER_METRICS": "metrics",
 }
+
+#: Values of ``log_format``: one JSON object per line, or a plain line for a terminal.
+LOG_FORMATS = ("json", "text")
+
+#: One allowed CORS origin: scheme and host (and port), nothing after them, as browsers send it.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?", re.IGNORECASE)
 
 
 class ConfigError(RecommenderError):
@@ -39,6 +49,13 @@ class WebConfig:
         sample_items: catalog items shown on the demo page before any upload.
         development: Flask debug mode (tracebacks in the browser). Only ``serve --development``
             or an explicit ``config={"development": True}`` turns it on.
+        cors_origins: browser origins (``https://shop.example``) allowed to call ``/api/v1/``
+            from their pages, or ``("*",)`` for any; empty (the default) sends no CORS headers
+            at all (``$RECOMMENDER_CORS_ORIGINS``, comma-separated).
+        log_format: ``json`` (one object per line, the default) or ``text``, for the request
+            lines and every other ``webapp`` log line (``$RECOMMENDER_LOG_FORMAT``).
+        metrics: serve Prometheus metrics at ``/metrics`` (``$RECOMMENDER_METRICS``; on by
+            default). Keep ``/metrics`` off the public address (the proxy blocks it).
     """
 
     bundle: Path | None = None
@@ -48,6 +65,9 @@ class WebConfig:
     default_k: int = 6
     sample_items: int = 12
     development: bool = False
+    cors_origins: tuple[str, ...] = ()
+    log_format: str = "json"
+    metrics: bool = True
 
     @property
     def max_upload_bytes(self) -> int:
@@ -58,6 +78,12 @@ class WebConfig:
 def _convert(name: str, value, origin: str):
     """Converts a setting from a string or a Python value to the field's type, or raises ConfigError."""
     field_type = {f.name: f.type for f in dataclasses.fields(WebConfig)}[name]
+    if field_type == "tuple[str, ...]":
+        return _origins(value, origin)
+    if field_type == "str":
+        if not isinstance(value, str) or value.strip().lower() not in LOG_FORMATS:
+            raise ConfigError(f"{origin}: expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+        return value.strip().lower()
     try:
         if field_type == "Path | None":
             converted = None if value in (None, "") else Path(value).expanduser()
@@ -79,6 +105,29 @@ def _convert(name: str, value, origin: str):
     if field_type in ("int", "float") and converted < 0:
         raise ConfigError(f"{origin}: must not be negative, got {value!r}")
     return converted
+
+
+def _origins(value, origin: str) -> tuple[str, ...]:
+    """Reads CORS origins from a comma-separated string or a sequence of strings; checks each one.
+
+    An origin is compared with the browser's ``Origin`` header exactly, so a path, a trailing
+    slash or a wildcard inside a host would silently never match: they are refused here.
+    """
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        items = [str(item).strip() for item in items]
+    except TypeError:
+        raise ConfigError(f"{origin}: expected comma-separated origins, got {value!r}") from None
+    origins = []
+    for item in filter(None, items):
+        if item != "*" and not _ORIGIN.fullmatch(item):
+            raise ConfigError(
+                f"{origin}: {item!r} is not an origin like https://shop.example or http://127.0.0.1:3000 "
+                "(scheme and host, no path), nor *"
+            )
+        scheme, _, host = item.partition("://")
+        origins.append(item if item == "*" else f"{scheme.lower()}://{host.lower()}")
+    return tuple(dict.fromkeys(origins))
 
 
 def resolve_config(overrides: Mapping | None = None, environ: Mapping[str, str] | None = None) -> WebConfig:

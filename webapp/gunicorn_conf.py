@@ -171,5 +171,41 @@ def post_request(worker, req, environ, resp):
         unreader.sock = sock._sock
 
 
-# -- process hooks -------------------------------------------------------------------------
-# (metrics hooks go here: prometheus multiprocess mode, child_exit)
+# -- process hooks: Prometheus multiprocess mode ------------------------------------------
+# Each worker counts its own requests; /metrics, answered by any one worker, must report all of
+# them. prometheus-client's multiprocess mode does this through files in $PROMETHEUS_MULTIPROC_DIR,
+# which must be set before a worker first imports prometheus_client (the workers import the app
+# after the fork: no preload) and must start empty. When the deployment sets none, a fresh private
+# folder is made here, in the arbiter, and removed when it exits.
+
+_METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+_made_metrics_dir: str | None = None
+if not os.environ.get(_METRICS_DIR_VARIABLE):
+    import tempfile
+
+    _made_metrics_dir = tempfile.mkdtemp(prefix="recommender-metrics-")
+    os.environ[_METRICS_DIR_VARIABLE] = _made_metrics_dir
+
+
+def on_starting(server):
+    """Empties the metrics folder: counts from an earlier run must not be added to this one's."""
+    folder = os.environ[_METRICS_DIR_VARIABLE]
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(folder, name))
+
+
+def child_exit(server, worker):
+    """A worker that ended (restart, WORKER TIMEOUT): its live gauges no longer count; its counters stay."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Removes the metrics folder this config made (one the deployment named is left alone)."""
+    if _made_metrics_dir is not None:
+        import shutil
+
+        shutil.rmtree(_made_metrics_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ Production runs the same app under gunicorn instead (see :mod:`webapp.cli`).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -60,6 +61,10 @@ def serve_app(overrides: Mapping, host: str, port: int) -> int:
     except OSError as error:
         print(f"error: cannot listen on {host}:{port} ({error.strerror or error})", file=sys.stderr)
         return 1
+    # The app writes its own log lines (JSON or text, webapp.observability); the CLI's root handler
+    # would write each of them a second time.
+    webapp_log = logging.getLogger("webapp")
+    propagated, webapp_log.propagate = webapp_log.propagate, False
     try:
         try:
             app = create_app(dict(overrides))
@@ -82,4 +87,5 @@ def serve_app(overrides: Mapping, host: str, port: int) -> int:
             print("stopped", file=sys.stderr)
         return 0
     finally:
+        webapp_log.propagate = propagated
         server.server_close()
