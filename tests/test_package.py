@@ -97,21 +97,28 @@ def test_dependencies_serve_evaluate_and_pin_keras_past_its_safe_mode_cves():
 
 
 def _serve(command: list[str], cwd: Path, env: dict, timeout_s: float = 300) -> tuple[subprocess.Popen, list[str]]:
-    """Starts a server; returns it and its stdout lines up to the one with its URL (or fails)."""
-    import selectors
+    """Starts a server; returns it and its stdout lines up to the one with its URL (or fails).
+
+    A reader thread hands over whole lines: polling the pipe with select and then calling
+    readline() would leave a second line that arrived in the same chunk in the file's buffer,
+    unseen, until the deadline.
+    """
+    import queue
+    import threading
     import time
 
     server = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    received: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [received.put(line) for line in server.stdout], daemon=True).start()
     lines: list[str] = []
-    with selectors.DefaultSelector() as selector:
-        selector.register(server.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout_s
-        while not any(line.startswith("open http://") for line in lines):
+    deadline = time.monotonic() + timeout_s
+    while not any(line.startswith("open http://") for line in lines):
+        try:
+            lines.append(received.get(timeout=1))
+        except queue.Empty:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
                 pytest.fail(f"the server did not start: {lines} {server.communicate()[1][-3000:]}")
-            if selector.select(timeout=1):
-                lines.append(server.stdout.readline())
     return server, lines
 
 

@@ -167,9 +167,10 @@ def test_publishing_a_new_bundle_swaps_without_failures_and_a_broken_one_is_refu
     )
     assert any(second.bundle_id in record.getMessage() for record in caplog.records if record.levelno == logging.INFO)
 
-    # Rolling the pointer back to the bundle being served clears the refusal.
+    # Rolling the pointer back to the bundle being served clears the refusal (at the watcher's next check).
     publish(pointer, second_bundle)
-    assert client.get("/readyz").get_json()["reload_error"] is None
+    wait_for(lambda: client.get("/readyz").get_json()["reload_error"] is None, what="the refusal to clear")
+    assert client.get("/readyz").get_json()["bundle"] == second.bundle_id
 
 
 # -- the swap mechanics, with a stand-in loader (fast, no TensorFlow) ----------------------
