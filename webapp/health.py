@@ -17,8 +17,11 @@ def healthz():
 def readyz():
     """``GET /readyz``: 200 with the served bundle's id, item count and backbone; 503 without one.
 
-    Checks the bundle pointer first, so a load balancer polling this also notices a newly
-    published bundle. ``reload_error`` names a refused new bundle while the old one serves.
+    Reports what this process serves now; it checks and loads nothing itself. The process's
+    watcher thread (:class:`webapp.bundles.LiveBundle`) follows the bundle pointer on its own
+    every reload interval, traffic or not, so ``bundle`` changes within one interval (plus the
+    load time) of a publish or a rollback; ``reloading`` is true while a new bundle is being
+    loaded, and ``reload_error`` names a refused new bundle while the old one keeps serving.
     """
     live = current_app.extensions["live_bundle"]
     live.current()
