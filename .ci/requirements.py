@@ -29,7 +29,7 @@ HEADERS = {
     "requirements.txt": ["# Runtime (CPU). GPU builds: requirements-gpu.txt"],
     "requirements-gpu.txt": [
         "# GPU builds, instead of the CPU packages in requirements.txt (Linux x86_64, CUDA 12):",
-        "#   pip install -r requirements-gpu.txt",
+        "#   pip install -r requirements-gpu.txt && pip install --no-deps .",
         "# TensorFlow with its CUDA libraries, and the FAISS GPU wheel (replaces faiss-cpu; do not",
         "# install both). FAISS moves flat indexes to the GPU when faiss.get_num_gpus() > 0.",
     ],

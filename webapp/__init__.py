@@ -35,7 +35,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     environment variables, then ``config``. Upper-case keys of ``config`` (e.g. ``TESTING``)
     go to Flask's own ``app.config``. For gunicorn::
 
-        RECOMMENDER_BUNDLE=artifacts/current gunicorn -w 2 -b 127.0.0.1:8000 'webapp:create_app()'
+        RECOMMENDER_BUNDLE=artifacts/current gunicorn -c python:webapp.gunicorn_conf 'webapp:create_app()'
 
     Args:
         config: web settings by field name, e.g. ``{"bundle": path, "reload_interval_s": 0}``.

@@ -42,8 +42,9 @@ class WebConfig:
         bundle: bundle folder, or a ``current`` symlink to one (``$RECOMMENDER_BUNDLE``).
         max_upload_mb: largest accepted request body, in megabytes of 10**6 bytes; larger
             requests get 413 (``$RECOMMENDER_MAX_UPLOAD_MB``).
-        reload_interval_s: check the bundle pointer for a new bundle at most this often, in
-            seconds; 0 checks on every request (``$RECOMMENDER_RELOAD_INTERVAL``).
+        reload_interval_s: seconds between a worker's checks of the bundle pointer (its watcher
+            thread, whether requests come or not); 0 means as often as the watcher's floor,
+            0.05 s (``$RECOMMENDER_RELOAD_INTERVAL``).
         image_max_age_s: ``Cache-Control: max-age`` of catalog images (``$RECOMMENDER_IMAGE_MAX_AGE``).
         default_k: neighbours when a request does not say (``?k=``).
         sample_items: catalog items shown on the demo page before any upload.
