@@ -34,6 +34,17 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 #: Default pixel limit (width x height) above which an image is refused as a decompression bomb.
 DEFAULT_MAX_PIXELS = 40_000_000
 
+#: Share of ``max_pixels`` allowed for an image that must be decoded at full size (every format
+#: but a JPEG, which decodes at a reduced scale). Measured (bench/decode.py): zlib-compressed
+#: formats cost ~13-22 ms per Mpx here whatever is done afterwards, so a 40 Mpx PNG took
+#: 0.5-0.9 s; at 30% (12 Mpx by default, a 4000x3000 photo) every upload decodes within 0.3 s.
+FULL_DECODE_SHARE = 0.3
+
+
+def full_decode_limit(max_pixels: int) -> int:
+    """Pixels allowed for an image decoded at full size (PNG, WebP, TIFF, GIF...): 30% of ``max_pixels``."""
+    return int(max_pixels * FULL_DECODE_SHARE)
+
 #: Fill colour for padding and for compositing transparent pixels.
 BACKGROUND = (255, 255, 255)
 
@@ -101,7 +112,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, draft_siz
 
     Args:
         data: encoded image bytes (any format Pillow reads).
-        max_pixels: refuse images with more than this many pixels (decompression bombs).
+        max_pixels: refuse images with more than this many pixels (decompression bombs);
+            an image decoded at full size (here: every one, unless a JPEG with ``draft_size``)
+            may have :func:`full_decode_limit` of them.
         draft_size: if given, let JPEG decode at a reduced scale no smaller than this
             (much faster for large photos; the result is still resized afterwards).
 
@@ -130,7 +143,14 @@ def _open_oriented(data: bytes, *, max_pixels: int, draft_size: int | None) -> I
                 )
             if width == 0 or height == 0:
                 raise InvalidImageError(f"image has no pixels ({width}x{height})")
-            if draft_size and image.format == "JPEG":
+            reduced = bool(draft_size) and image.format == "JPEG"
+            if not reduced and width * height > full_decode_limit(max_pixels):
+                raise InvalidImageError(
+                    f"image too large: {width}x{height} = {width * height:,} pixels; a {image.format or 'non-JPEG'} "
+                    f"image is decoded at full size, limit {full_decode_limit(max_pixels):,} pixels "
+                    f"(a JPEG may have up to {max_pixels:,})"
+                )
+            if reduced:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
             # In place: without an orientation tag, exif_transpose would return a full-size copy.
@@ -245,7 +265,8 @@ def load_image(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_
     """Loads one image for the backbone: decode, orient, RGB, letterbox to ``size``.
 
     Cost is bounded for any image under ``max_pixels``: JPEGs decode at a reduced scale,
-    other formats are converted and reduced in bands (:func:`letterbox`).
+    other formats (at most :func:`full_decode_limit` pixels) are converted and reduced in
+    bands (:func:`letterbox`).
 
     Args:
         source: a path, encoded bytes, or a binary file object.

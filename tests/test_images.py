@@ -56,6 +56,18 @@ def test_pixel_limit_is_configurable(image_files):
     assert load_image(image_files["rgb_jpeg"], 32, max_pixels=80 * 60).shape == (32, 32, 3)
 
 
+def test_images_decoded_at_full_size_have_a_lower_limit_than_jpegs(image_files):
+    """A JPEG decodes at a reduced scale, a PNG only at full size: the PNG's limit is 30% (bounded decode time)."""
+    from recommender.images import full_decode_limit
+
+    limit = 80 * 60  # the JPEG's pixels: allowed; a full-size decode may have 30% of it, 1,440
+    assert full_decode_limit(limit) == 1440
+    assert load_image(image_files["rgb_jpeg"], 32, max_pixels=limit).shape == (32, 32, 3)
+    with pytest.raises(InvalidImageError, match=r"a PNG image is decoded at full size, limit 1,440 pixels"):
+        load_image(image_files["rgba_png"], 32, max_pixels=limit)  # 40x40 = 1,600
+    assert load_image(image_files["rgba_png"], 32, max_pixels=40 * 40 * 10 // 3 + 1).shape == (32, 32, 3)
+
+
 def test_letterbox_keeps_whole_image_and_pads_white(image_files):
     # 80x60 blue: scaled to 64x48, padded with 8 white rows above and below.
     array = load_image(image_files["rgb_jpeg"], 64)
