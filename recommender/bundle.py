@@ -104,10 +104,19 @@ def write_bundle(out: str | os.PathLike, fill: Callable[[Path], dict], *, overwr
 
     Raises:
         BundleError: ``out`` exists and ``overwrite`` is false.
+        StorageError: the disk filled up or the quota ran out while writing (nothing is left
+            at ``out``; an existing bundle there is untouched).
     """
+    from recommender.files import storage_errors
+
     out = Path(out)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} already exists; choose a new --out (bundles are immutable) or pass --overwrite")
+    with storage_errors(out):
+        return _write_bundle(out, fill)
+
+
+def _write_bundle(out: Path, fill: Callable[[Path], dict]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     temp.mkdir()

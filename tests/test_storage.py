@@ -72,3 +72,17 @@ def test_cli_on_a_full_disk_is_one_error_line(full_disk, capsys):
     assert code == 1 and err == [
         f"error: no space left on device writing {root / 'rebuild.lock'}; free some space and run again"
     ]
+
+
+def test_a_bundle_written_onto_a_full_disk_is_a_storage_error_and_leaves_nothing(full_disk):
+    from recommender.bundle import write_bundle
+
+    def fill(folder):
+        (folder / "embeddings.npy").write_bytes(b"\0" * 100_000)  # more than the disk has left
+        return {}
+
+    out = full_disk / "bundle"
+    with pytest.raises(StorageError, match=rf"no space left on device writing {out}; free some space") as raised:
+        write_bundle(out, fill)
+    assert raised.value.path == str(out)
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]  # the temporary folder is gone too
