@@ -45,6 +45,7 @@ def full_decode_limit(max_pixels: int) -> int:
     """Pixels allowed for an image decoded at full size (PNG, WebP, TIFF, GIF...): 30% of ``max_pixels``."""
     return int(max_pixels * FULL_DECODE_SHARE)
 
+
 #: Fill colour for padding and for compositing transparent pixels.
 BACKGROUND = (255, 255, 255)
 

@@ -330,6 +330,23 @@ def quick_runs(request):
     return {script: pool.submit(start_quick_run, script) for script in scripts}
 
 
+#: The longest modules (minutes each on two cores), collected first: pytest-xdist hands out whole
+#: modules (``--dist loadfile``) in collection order, so these start at once instead of ending the
+#: run one after another on a single worker while the others sit idle.
+LONGEST_FIRST = ("test_real_data", "test_rebuild", "test_rebuild_gate", "test_rebuild_kill", "test_demo")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Moves the LONGEST_FIRST modules to the front (a stable sort: each module keeps its order)."""
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+
+    def module_rank(item) -> int:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        return rank.get(module, len(rank))
+
+    items.sort(key=module_rank)
+
+
 def shared_present() -> bool:
     """Whether ../shared (the clothing-small photos and the MobileNet model) is here."""
     return CLOTHING.is_dir() and MOBILENET.is_file()

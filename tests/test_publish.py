@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 from conftest import tiny_build_config
-from test_rebuild import make_photos, run_job, write_catalog
+from test_rebuild import make_photos, write_catalog
+from test_rebuild_kill import run_job
 
 from indexer.artifacts import ArtifactRoot, rollback, status
 from indexer.rebuild import rebuild

@@ -50,7 +50,9 @@ class Server:
             "RECOMMENDER_BODY_TIMEOUT": str(BODY_TIMEOUT_S),
             "RECOMMENDER_WORKER_TIMEOUT": str(WORKER_TIMEOUT_S),
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / "metrics"),
         }
+        self.metrics_dir = log_path.parent / "metrics"
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "python:webapp.gunicorn_conf", "webapp:create_app()"],
@@ -240,3 +242,56 @@ def test_every_worker_follows_a_publish_and_a_rollback_without_traffic(server, e
         after = _bundle_answers(server, item_id, 12)
         assert {bundle for bundle, _ in after} == {expected}, after
         assert len({pid for _, pid in after}) == 2, "both workers must have answered"
+
+
+def _counter(exposition: str, name: str, **labels) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} ([0-9.e+]+)$", exposition, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_sum_both_workers_and_every_request_has_an_id_and_a_json_log_line(server):
+    """/metrics on either worker reports the requests of both (multiprocess mode); X-Request-ID is kept and logged."""
+    before = server.get("/metrics")[1].decode()
+    baseline = _counter(before, "recommender_http_requests_total", endpoint="/healthz", method="GET", status="200")
+    sent, workers = [], set()
+    while len(sent) < 16 or (len(workers) < 2 and len(sent) < 160):  # until both workers answered some
+        request_id = f"ops-{len(sent)}-{time.monotonic_ns()}"
+        status, _, _ = server.request("GET", f"/healthz?{request_id}", headers={"X-Request-ID": request_id})
+        assert status == 200
+        workers.add(re.search(rf"{request_id}[^\n]*pid=<(\d+)>", _wait_for_log(server, f"?{request_id} HTTP")).group(1))
+        sent.append(request_id)
+    # Multiprocess mode: each worker that counted writes its own file, and /metrics sums them.
+    # (Which worker accepts a connection is up to the kernel: usually both answer some of these.)
+    counting = {path.name.rsplit("_", 1)[-1].removesuffix(".db") for path in server.metrics_dir.glob("counter_*.db")}
+    assert workers <= counting, (workers, counting)
+    log = server.log()
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"webapp.requests"' in line]
+    logged = {line["request_id"]: line for line in lines}
+    assert set(sent) <= set(logged), "one JSON line per request, carrying the id the client sent"
+    assert {logged[request_id]["status"] for request_id in sent} == {200}
+    assert {logged[request_id]["endpoint"] for request_id in sent} == {"/healthz"}
+
+    # Several scrapes, landing on either worker: each reports all of them (not one worker's share).
+    for _ in range(6):
+        status, body, _ = server.get("/metrics")
+        assert status == 200
+        exposition = body.decode()
+        counted = _counter(
+            exposition, "recommender_http_requests_total", endpoint="/healthz", method="GET", status="200"
+        )
+        assert counted >= baseline + len(sent), exposition[:2000]
+        assert "recommender_http_request_duration_seconds_bucket" in exposition
+        assert re.search(r"^recommender_bundle_info\{.*bundle=\"[^\"]+\"", exposition, re.MULTILINE)
+        assert re.search(r"^recommender_bundle_age_seconds [0-9.e+]+$", exposition, re.MULTILINE)
+
+    # An id that is not safe to log or echo is replaced by a fresh one, which the response names.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("GET", "/healthz", headers={"X-Request-ID": 'a b"c' * 3})
+        response = connection.getresponse()
+        response.read()
+        assert re.fullmatch(r"[0-9a-f]{32}", response.getheader("X-Request-ID") or "")
+    finally:
+        connection.close()
