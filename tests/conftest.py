@@ -347,6 +347,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=module_rank)
 
 
+def prometheus_sample(exposition: str, name: str, **labels) -> float:
+    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    import re
+
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} ([0-9.e+]+)$", exposition, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def shared_present() -> bool:
     """Whether ../shared (the clothing-small photos and the MobileNet model) is here."""
     return CLOTHING.is_dir() and MOBILENET.is_file()

@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+from conftest import prometheus_sample
 
 from webapp import create_app
 from webapp.config import ConfigError, resolve_config
@@ -25,12 +26,6 @@ def app(tiny_bundle):
 @pytest.fixture(scope="module")
 def cors_app(tiny_bundle):
     return create_app({"bundle": tiny_bundle, "cors_origins": "https://shop.example, http://127.0.0.1:3000"})
-
-
-def _sample(exposition: str, name: str, **labels) -> float:
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} ([0-9.e+]+)$", exposition, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_request_ids_are_kept_when_sane_and_made_otherwise(app):
@@ -87,15 +82,20 @@ def test_metrics_count_requests_by_route_status_and_latency(app, engine):
     after = response.get_data(as_text=True)
     route = "/api/v1/items/<path:item_id>/similar"
     counted = {
-        status: _sample(after, "recommender_http_requests_total", endpoint=route, method="GET", status=status)
-        - _sample(before, "recommender_http_requests_total", endpoint=route, method="GET", status=status)
+        status: prometheus_sample(after, "recommender_http_requests_total", endpoint=route, method="GET", status=status)
+        - prometheus_sample(before, "recommender_http_requests_total", endpoint=route, method="GET", status=status)
         for status in ("200", "404")
     }
     assert counted == {"200": 3, "404": 1}
     # Raw paths never become labels (a scanner's probes cannot grow the series without bound).
     assert "no-such-item" not in after and "/no/such/page" not in after
-    assert _sample(after, "recommender_http_requests_total", endpoint="unmatched", method="GET", status="404") >= 1
-    assert _sample(after, "recommender_http_request_duration_seconds_count", endpoint=route, method="GET") >= 3
+    assert (
+        prometheus_sample(after, "recommender_http_requests_total", endpoint="unmatched", method="GET", status="404")
+        >= 1
+    )
+    assert (
+        prometheus_sample(after, "recommender_http_request_duration_seconds_count", endpoint=route, method="GET") >= 3
+    )
     assert (
         f'recommender_bundle_info{{backbone="{engine.manifest.backbone.name}",bundle="{engine.bundle_id}"}} 1.0'
         in after

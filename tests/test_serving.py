@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import prometheus_sample
 from test_webapp_swap import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,17 +245,12 @@ def test_every_worker_follows_a_publish_and_a_rollback_without_traffic(server, e
         assert len({pid for _, pid in after}) == 2, "both workers must have answered"
 
 
-def _counter(exposition: str, name: str, **labels) -> float:
-    """The value of one sample in a Prometheus text exposition (0 when absent)."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} ([0-9.e+]+)$", exposition, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
-
-
 def test_metrics_sum_both_workers_and_every_request_has_an_id_and_a_json_log_line(server):
     """/metrics on either worker reports the requests of both (multiprocess mode); X-Request-ID is kept and logged."""
     before = server.get("/metrics")[1].decode()
-    baseline = _counter(before, "recommender_http_requests_total", endpoint="/healthz", method="GET", status="200")
+    baseline = prometheus_sample(
+        before, "recommender_http_requests_total", endpoint="/healthz", method="GET", status="200"
+    )
     sent, workers = [], set()
     while len(sent) < 16 or (len(workers) < 2 and len(sent) < 160):  # until both workers answered some
         request_id = f"ops-{len(sent)}-{time.monotonic_ns()}"
@@ -278,7 +274,7 @@ def test_metrics_sum_both_workers_and_every_request_has_an_id_and_a_json_log_lin
         status, body, _ = server.get("/metrics")
         assert status == 200
         exposition = body.decode()
-        counted = _counter(
+        counted = prometheus_sample(
             exposition, "recommender_http_requests_total", endpoint="/healthz", method="GET", status="200"
         )
         assert counted >= baseline + len(sent), exposition[:2000]
