@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import CLOTHING, MOBILENET, ROOT, machine, save_results  # noqa: E402
 
 TARGETS = {"no change": 0.05, "1% changed": 0.10}
+#: Wall-time target of an unchanged nightly rebuild, interpreter start included (issue 14).
+WALL_TARGETS = {"no change": 2.0}
 
 
 def run(catalog: Path, root: Path) -> dict:
@@ -90,22 +92,28 @@ def main() -> int:
     full = results["full build"]
     print(f"machine: {machine()}; load average {os.getloadavg()}")
     print(f"clothing-small{' (quick subset)' if args.quick else ''}: {len(rows)} photos, MobileNet v1 TFLite backbone")
-    print(f"{'run':14s} {'wall s':>8s} {'job s':>8s} {'% of full':>10s} {'target':>8s} {'peak MB':>8s}  counts")
+    print(
+        f"{'run':14s} {'wall s':>8s} {'target':>8s} {'job s':>8s} {'% of full':>10s} {'target':>8s} {'peak MB':>8s}  counts"
+    )
     table = []
     for name, result in results.items():
         share = result["job_s"] / full["job_s"]
         target = TARGETS.get(name)
         counts = result["summary"].get("counts", {})
         note = f"{counts.get('added', 0)} added, {counts.get('changed', 0)} changed, {counts.get('extracted', 0)} extracted, {result['summary']['state']}"
+        if result["summary"].get("backbone_loaded") is False:
+            note += ", backbone not loaded"
         if "retrain" in result["summary"]:
             note += f", classifier {'retrained' if result['summary']['retrain'] else 'reused'}"
         print(
-            f"{name:14s} {result['wall_s']:8.1f} {result['job_s']:8.2f} {share:10.1%} {('<= ' + format(target, '.0%')) if target else '':>8s} {result['peak_mb']:8.0f}  {note}"
+            f"{name:14s} {result['wall_s']:8.2f} {('<= ' + format(WALL_TARGETS[name], '.0f') + ' s') if name in WALL_TARGETS else '':>8s} {result['job_s']:8.2f} {share:10.1%} {('<= ' + format(target, '.0%')) if target else '':>8s} {result['peak_mb']:8.0f}  {note}"
         )
         table.append(
             {
                 "run": name,
                 "wall_s": result["wall_s"],
+                "wall_target_s": WALL_TARGETS.get(name),
+                "backbone_loaded": result["summary"].get("backbone_loaded", True),
                 "job_s": result["job_s"],
                 "share_of_full": share,
                 "target": target,

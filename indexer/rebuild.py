@@ -195,6 +195,57 @@ def validation_gate(
     return findings
 
 
+def display_columns(catalog) -> tuple[str | None, str | None, str | None]:
+    """The catalog's title, price and URL columns (what the web app shows of each product)."""
+    return (catalog.display.title, catalog.display.price, catalog.display.url)
+
+
+def display_columns_of(manifest: Manifest) -> tuple[str | None, str | None, str | None]:
+    """The title, price and URL columns a bundle was built with."""
+    return (manifest.catalog.title_column, manifest.catalog.price_column, manifest.catalog.url_column)
+
+
+def unchanged_without_backbone(
+    catalog, current_manifest: Manifest, current_rows: list[CatalogRecord], build_config: BuildConfig
+) -> tuple[Changes, list] | None:
+    """Whether a catalog is exactly what the current bundle holds, told without loading the backbone.
+
+    It is when the backbone is the bundle's (:func:`recommender.backbones.recorded_backbone_matches`),
+    the label, hierarchy, tags and display columns are the bundle's, and every readable row is
+    one of the bundle's records with the same photo (sha256), labels, tags and details, and
+    every record is still there. Then the full path (features, :func:`check_reuse`, the diff)
+    would come to "nothing changed" too: the same rows give the same features, taxonomy and
+    class counts. Anything else returns None and the full path decides.
+
+    Returns:
+        ``(changes, rows that could not be read)`` when unchanged, else None.
+
+    Raises:
+        CatalogError: reading alone found more bad rows than ``max_bad_fraction`` (as a build would).
+    """
+    from recommender.backbones import recorded_backbone_matches
+    from recommender.catalog import check_bad_fraction
+    from recommender.features import hash_rows
+
+    check_bad_fraction(catalog.total, catalog.bad_rows, build_config.max_bad_fraction)
+    recorded = current_manifest.catalog
+    if (
+        list(catalog.label_columns) != list(recorded.label_columns)
+        or (tuple(build_config.hierarchy) if build_config.hierarchy else None)
+        != (tuple(recorded.hierarchy) if recorded.hierarchy else None)
+        or catalog.tags_column != recorded.tags_column
+        or display_columns(catalog) != display_columns_of(current_manifest)
+    ):
+        return None
+    if not recorded_backbone_matches(build_config.backbone, current_manifest.backbone, current_manifest.libraries):
+        return None
+    rows, hashes, unreadable = hash_rows(catalog.rows)
+    changes = diff_catalog(current_rows, rows, hashes)
+    if changes.any:
+        return None
+    return changes, catalog.bad_rows + unreadable
+
+
 def rebuild(
     catalog_source: str | Path,
     root: str | os.PathLike,
@@ -242,7 +293,23 @@ def rebuild(
             current_rows = read_catalog_rows(current, current_manifest.counts.items) if current else []
 
             run.phase("features")
-            prepared = prepare_catalog(load_catalog(catalog_source, build_config), build_config, progress=progress)
+            catalog = load_catalog(catalog_source, build_config)
+            if current is not None and config.retrain != "always":
+                # Most nights nothing changed: tell so from the photos' hashes and the bundle's
+                # records alone, without loading the backbone (and importing TensorFlow).
+                same = unchanged_without_backbone(catalog, current_manifest, current_rows, build_config)
+                if same is not None:
+                    changes, failed = same
+                    counts = {**changes.counts(), "failed": len(failed), "extracted": 0}
+                    return run.finish(
+                        "unchanged",
+                        counts=counts,
+                        failed=[bad.to_json() for bad in failed],
+                        current=current.name,
+                        backbone_loaded=False,
+                        message="nothing changed; current bundle kept",
+                    )
+            prepared = prepare_catalog(catalog, build_config, progress=progress)
 
             def tally(prepared):
                 """What changed against ``current`` and what failed, for ``prepared``."""
@@ -262,8 +329,11 @@ def rebuild(
             if current is not None:
                 space = read_label_space(current)
                 reuse = check_reuse(space, prepared, trained_on=current_manifest.backbone.identity_key)
-                if reuse.reusable and not changes.any and config.retrain != "always":
+                same_display = display_columns(prepared.catalog) == display_columns_of(current_manifest)
+                if reuse.reusable and not changes.any and same_display and config.retrain != "always":
                     return keep_current("nothing changed; current bundle kept")
+                if not same_display:
+                    run.data["display_columns"] = "changed"
 
             retrain, reason = decide_retrain(
                 config.retrain, changes, reuse, config.retrain_threshold, len(current_rows)

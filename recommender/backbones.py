@@ -460,6 +460,67 @@ def default_input_size(name: str) -> int:
     return BackboneSpec().input_size
 
 
+def keras_cache_file(file_name: str) -> Path | None:
+    """The Keras cache's copy of a weights file, found the way ``keras.utils.get_file`` looks
+    (``$KERAS_HOME`` or ``~/.keras``, then ``/tmp/.keras``), without importing Keras; None if absent."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    for base in (home, os.path.join("/tmp", ".keras")):
+        candidate = Path(base) / "models" / file_name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def recorded_backbone_matches(spec: BackboneSpec, record, libraries: dict[str, str]) -> bool | None:
+    """Whether ``spec`` would load the backbone a bundle records, decided without loading it.
+
+    Loading a backbone imports TensorFlow (4-16 s); the nightly rebuild of an unchanged catalog
+    must not pay that just to learn that nothing changed. The answer compares what identifies
+    the network: a TFLite or weights file by its sha256, ImageNet weights by the sha256 of the
+    Keras cache's file, random init by its seed and the Keras and TensorFlow versions that drew it.
+
+    Args:
+        spec: the backbone a build would use.
+        record: the bundle's :class:`recommender.manifest.BackboneRecord`.
+        libraries: the bundle's recorded library versions (``Manifest.libraries``).
+
+    Returns:
+        True: the same network and weights; False: another one; None: it cannot be told without
+        loading (a file or the cached weights are missing: loading reports why).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    identity = record.identity
+    kind, colon, given = spec.name.partition(":")
+    if colon:
+        if kind != "tflite" or identity.get("kind") != "tflite":
+            return False
+        path = Path(os.path.realpath(Path(given).expanduser()))
+        return file_sha256(path) == identity.get("weights_sha256") if path.is_file() else None
+    application = next((a for a in KERAS_APPLICATIONS if a.name == spec.name), None)
+    if application is None or identity.get("kind") != spec.name or identity.get("input_size") != spec.input_size:
+        return False
+    if spec.weights == "imagenet":
+        if identity.get("weights") != "imagenet":
+            return False
+        cached = keras_cache_file(application.weights_file_for(spec.input_size))
+        return file_sha256(cached) == identity.get("weights_sha256") if cached else None
+    if spec.weights == "none":
+        if identity.get("weights") != "none (random init)" or identity.get("seed") != spec.seed:
+            return False
+        for package in ("keras", "tensorflow"):
+            try:
+                if version(package) != libraries.get(package):
+                    return None  # another version may draw other weights from the same seed
+            except PackageNotFoundError:
+                return None
+        return True
+    path = Path(os.path.realpath(Path(spec.weights).expanduser()))
+    if identity.get("weights") != "file":
+        return False
+    return file_sha256(path) == identity.get("weights_sha256") if path.is_file() else None
+
+
 def load_backbone(spec: BackboneSpec, *, random_weights_path: str | os.PathLike | None = None) -> Backbone:
     """Creates the backbone a spec names.
 

@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from recommender.baseline import classification_summary, compare_with_baseline
 from recommender.checkpoints import checkpoint
@@ -217,6 +216,8 @@ def stratified_split(labels: list[str], validation_fraction: float, seed: int) -
     n_validation = max(rest_classes, int(round(len(rest) * validation_fraction)))
     if len(rest) - n_validation < rest_classes:
         raise TrainingError(f"{len(rest)} rows are too few for {rest_classes} classes with a validation split")
+    from sklearn.model_selection import train_test_split  # sklearn costs ~1 s to import: only when training
+
     train, validation = train_test_split(rest, test_size=n_validation, stratify=rest_labels, random_state=seed)
     # sklearn can hold out every row of a small class when more than half the rows are held
     # out; such rows go back to train (that class is then validated on nothing, and reported).

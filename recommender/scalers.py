@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.preprocessing import StandardScaler
+
+if TYPE_CHECKING:  # importing scikit-learn costs ~1 s: only where a scaler is made
+    from sklearn.preprocessing import StandardScaler
 
 
 def fit_scaler(values: np.ndarray) -> StandardScaler:
     """Fits a StandardScaler on (n, d) values; constant columns get scale 1 (sklearn's rule)."""
+    from sklearn.preprocessing import StandardScaler
+
     return StandardScaler().fit(np.asarray(values, np.float64))
 
 
@@ -23,6 +29,8 @@ def scaler_arrays(scaler: StandardScaler, prefix: str) -> dict[str, np.ndarray]:
 
 def scaler_from_arrays(arrays, prefix: str) -> StandardScaler:
     """Rebuilds a fitted StandardScaler from :func:`scaler_arrays` output (or a loaded npz)."""
+    from sklearn.preprocessing import StandardScaler
+
     scaler = StandardScaler()
     scaler.mean_ = np.asarray(arrays[f"{prefix}_mean"], np.float64)
     scaler.scale_ = np.asarray(arrays[f"{prefix}_scale"], np.float64)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +14,9 @@ import pytest
 from conftest import tiny_build_config
 
 from indexer.artifacts import status
-from indexer.rebuild import RebuildConfig, rebuild
+from indexer.build import load_catalog
+from indexer.rebuild import RebuildConfig, rebuild, unchanged_without_backbone
+from recommender.bundle import read_catalog_rows, read_manifest
 from recommender.errors import CatalogError
 from recommender.synthetic import CATALOG_COLUMNS
 
@@ -81,7 +85,29 @@ def test_incremental_counts_and_reuse(photos, build_config, tmp_path):
 
     same = rebuild(write_catalog(folder, "v1-again.csv", rows), root, build_config)
     assert same["state"] == "unchanged" and same["counts"]["extracted"] == 0
+    assert same["backbone_loaded"] is False  # told from the hashes and the bundle's records
     assert (root / "current").resolve().name == first["bundle_id"]
+
+    # The same as a command in a fresh interpreter: it answers without importing TensorFlow.
+    probe = (
+        "import sys; from recommender.cli import main; code = main(sys.argv[1:]); "
+        "print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr); sys.exit(code)"
+    )
+    flags = ["--id-column", "id", "--label-column", "label", "--label-column", "colour", "--weights", "none"]
+    flags += ["--image-size", str(build_config.backbone.input_size)]
+    command = [sys.executable, "-c", probe, "rebuild", "--catalog", str(folder / "v1-again.csv"), "--root", str(root)]
+    answer = subprocess.run(command + flags, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert answer.returncode == 0, answer.stderr
+    assert "tensorflow imported: False" in answer.stderr
+    assert json.loads(answer.stdout.splitlines()[-1])["state"] == "unchanged"
+
+    # Another backbone (here another random-init seed) is not "unchanged": the full path decides.
+    manifest = read_manifest(root / "current")
+    records = read_catalog_rows(root / "current", manifest.counts.items)
+    catalog = load_catalog(folder / "v1-again.csv", build_config)
+    assert unchanged_without_backbone(catalog, manifest, records, build_config) is not None
+    other = replace(build_config, backbone=replace(build_config.backbone, seed=1))
+    assert unchanged_without_backbone(catalog, manifest, records, other) is None
 
     # Add 2 products, change the photo of 1, remove 3: 6 of 36 (17%) stays under the 20% threshold.
     changed = [dict(row) for row in rows[3:]]
@@ -104,6 +130,15 @@ def test_incremental_counts_and_reuse(photos, build_config, tmp_path):
     assert not {row["id"] for row in rows[:3]} & set(published)  # removed products are gone
     manifest = json.loads((root / "current" / "manifest.json").read_text())
     assert manifest["metrics"]["reused_from"] == first["bundle_id"]
+
+    # Only the column mapping changed (the price is now read from another column): the values
+    # the web app shows change, so a new bundle is published, with the classifier reused.
+    remapped = rebuild(
+        write_catalog(folder, "v2-again.csv", second_rows), root, replace(build_config, price_column="department")
+    )
+    assert remapped["state"] == "published" and not remapped["retrain"]
+    assert remapped["counts"]["unchanged"] == len(second_rows)
+    assert json.loads((root / "current" / "manifest.json").read_text())["catalog"]["price_column"] == "department"
 
 
 def test_retrain_policies(photos, build_config, tmp_path):
