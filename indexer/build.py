@@ -38,7 +38,8 @@ from recommender.checkpoints import checkpoint
 from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
-from recommender.features import ExtractionResult, FeatureStore, extract_features, progress_bar
+from recommender.feature_parts import PartFeatureStore, open_feature_store, parts_store_path
+from recommender.features import ExtractionResult, extract_features, progress_bar
 from recommender.index import VectorIndex
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.manifest import CatalogRecord
@@ -129,18 +130,33 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
     check_bad_fraction(catalog.total, catalog.bad_rows, config.max_bad_fraction)
     backbone = load_backbone(config.backbone)
     seconds = {"load_backbone": time.perf_counter() - started}
-    store = FeatureStore(config.feature_store, backbone.identity["key"], backbone.feature_dim)
     mark = time.perf_counter()
-    with progress_bar(len(catalog.rows), "features", progress) as bar:
-        extraction = extract_features(
+    if config.engine == "ray":
+        from indexer.ray_engine import extract_features_ray
+
+        store = PartFeatureStore(parts_store_path(config.feature_store), backbone.identity["key"], backbone.feature_dim)
+        extraction = extract_features_ray(
             catalog.rows,
             backbone,
             store,
+            config=config.ray,
             flips=config.flips,
             batch_size=config.batch_size,
             max_pixels=config.max_pixels,
-            progress=bar.update,
+            progress=progress,
         )
+    else:
+        store = open_feature_store(config.feature_store, backbone.identity["key"], backbone.feature_dim)
+        with progress_bar(len(catalog.rows), "features", progress) as bar:
+            extraction = extract_features(
+                catalog.rows,
+                backbone,
+                store,
+                flips=config.flips,
+                batch_size=config.batch_size,
+                max_pixels=config.max_pixels,
+                progress=bar.update,
+            )
     seconds["features"] = time.perf_counter() - mark
     bad_rows = catalog.bad_rows + extraction.bad_rows
     taxonomy = None

@@ -666,9 +666,9 @@ def _finite(value):
 def _open_store(feature_store, backbone):
     if feature_store is None:
         return None
-    from recommender.features import FeatureStore
+    from recommender.feature_parts import open_feature_store
 
-    return FeatureStore(feature_store, backbone.identity["key"], backbone.feature_dim)
+    return open_feature_store(feature_store, backbone.identity["key"], backbone.feature_dim)
 
 
 def _read_history(bundle: Path) -> dict:

@@ -18,6 +18,29 @@ def default_feature_store() -> Path:
     return Path(root) / "features.h5"
 
 
+#: Where a build's feature extraction runs: in this process, or in actors on a Ray cluster.
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the Ray engine runs (``--engine ray``; README "Scaling out").
+
+    Attributes:
+        address: the cluster to join (``auto``: the one ``ray start`` runs on this machine, or
+            ``ray://HOST:10001``); None starts a private local Ray for the job.
+        actors: extraction actors, each holding one backbone; None: one per GPU when the cluster
+            has GPUs, else one per two CPUs (TensorFlow runs its own threads inside each).
+        gpus_per_actor: GPUs each actor asks for; None: 1 when the cluster has GPUs, else 0.
+        object_store_bytes: object store size of a local Ray (None: Ray's default, 30% of RAM).
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    object_store_bytes: int | None = None
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """Everything a build needs besides the catalog path and the output folder.
@@ -54,8 +77,11 @@ class BuildConfig:
             row out for validation trains on all its rows.
         max_pixels: decompression-bomb limit for every image.
         batch_size: images per backbone forward pass.
-        feature_store: HDF5 feature cache path.
+        feature_store: feature cache: an HDF5 file (``.h5``) or a folder of Parquet parts
+            (:mod:`recommender.feature_parts`; what the Ray engine needs).
         use_gpu: move the FAISS index to a GPU when one is visible.
+        engine: ``local`` (extract in this process) or ``ray`` (in actors on a Ray cluster).
+        ray: settings of the Ray engine.
     """
 
     image_column: str = "file"
@@ -83,3 +109,5 @@ class BuildConfig:
     batch_size: int = 32
     feature_store: Path = field(default_factory=default_feature_store)
     use_gpu: bool = True
+    engine: str = "local"
+    ray: RayConfig = field(default_factory=RayConfig)

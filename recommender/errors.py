@@ -102,6 +102,10 @@ class PublishError(RecommenderError):
     """The artifact root's layout does not allow publishing or rolling back as asked."""
 
 
+class RayEngineError(RecommenderError):
+    """The Ray engine cannot run: Ray is not installed, the cluster cannot be joined, or the job failed on it."""
+
+
 class StorageError(RecommenderError):
     """A file could not be written for lack of space (disk full, ``ENOSPC``, or quota exceeded, ``EDQUOT``).
 

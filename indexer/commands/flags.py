@@ -125,7 +125,7 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         parser: a subcommand's parser.
     """
     from recommender.backbones import KERAS_APPLICATIONS, list_backbones
-    from recommender.config import BuildConfig
+    from recommender.config import ENGINES, BuildConfig
 
     defaults = BuildConfig()
     keras_names = ", ".join(application.name for application in KERAS_APPLICATIONS)
@@ -184,7 +184,8 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         "--feature-store",
         type=Path,
         default=None,
-        help="HDF5 feature cache (default: $RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)",
+        help="feature cache: an HDF5 file (.h5) or a folder of Parquet parts (default: "
+        "$RECOMMENDER_CACHE/features.h5 or ~/.cache/recommender/features.h5)",
     )
     parser.add_argument(
         "--index",
@@ -203,6 +204,45 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"maximum training epochs (default: {defaults.train.max_epochs}; early stopping usually ends sooner)",
     )
+    engine = parser.add_argument_group("engine (README: Scaling out)")
+    engine.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=defaults.engine,
+        help="local: extract features in this process; ray: in Ray Data actors, features as Parquet parts "
+        "(FEATURE_STORE with .parts for .h5) (default: %(default)s)",
+    )
+    engine.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto, or ray://HOST:10001); default: start a private local Ray for the job",
+    )
+    engine.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        default=None,
+        help="extraction actors (default: one per GPU, else per 4 CPUs)",
+    )
+    engine.add_argument(
+        "--ray-gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs each actor takes (default: 1 when the cluster has GPUs, else 0)",
+    )
+    engine.add_argument(
+        "--ray-object-store-mb",
+        type=positive_int,
+        default=None,
+        help="object store of a local Ray, MB (default: Ray's own, 30%% of memory)",
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number from 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def non_negative_int(text: str) -> int:
@@ -230,7 +270,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         CatalogError: a malformed ``--hierarchy``.
     """
     from recommender.backbones import BackboneSpec, default_input_size, resolved_spec
-    from recommender.config import BuildConfig
+    from recommender.config import BuildConfig, RayConfig
     from recommender.labels import parse_hierarchy
 
     defaults = BuildConfig()
@@ -268,4 +308,11 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         max_bad_fraction=args.max_bad_fraction,
         min_class_examples=args.min_class_examples,
         feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
+        engine=args.engine,
+        ray=RayConfig(
+            address=args.ray_address,
+            actors=args.ray_actors,
+            gpus_per_actor=args.ray_gpus_per_actor,
+            object_store_bytes=args.ray_object_store_mb * 2**20 if args.ray_object_store_mb else None,
+        ),
     )

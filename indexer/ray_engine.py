@@ -1,0 +1,271 @@
+"""The Ray engine: catalog photos through the backbone in Ray Data actors, features into Parquet parts.
+
+``recommender build --engine ray`` (and ``rebuild``) runs the expensive half of a build here:
+
+    driver: catalog rows -> sha256 of each photo (what the store lacks is the work)
+    Ray Data: rows -> ExtractionActor (loads the backbone once; recommender.images.load_image,
+              the one preprocessing function; both views) -> one Parquet part per batch and
+              view, written by the actor itself (recommender.feature_parts.PartWriter)
+    driver: reads the features back from the store -> the same training, embedding, index,
+            bundle, gate and publish as the local engine (indexer.build)
+
+Only hashes and per-photo errors travel back to the driver, never features through the
+object store. A photo that cannot be read is a bad row with its reason, as in the local
+loop. Ray Data restarts a killed actor and retries its batch (``max_restarts=-1``,
+``max_task_retries=-1`` are its defaults for actor pools); a retried batch writes its part
+again, which the store reads once. A killed driver leaves the parts already written, so the
+rerun extracts only what is missing.
+
+Every node must read the catalog photos, the feature store folder and a file backbone at the
+same paths (a shared file system or a mounted bucket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import numpy as np
+
+from recommender.catalog import BadRow, CatalogRow
+from recommender.checkpoints import checkpoint
+from recommender.config import RayConfig
+from recommender.errors import BackboneError, FeatureStoreError, InvalidImageError, RayEngineError, RecommenderError
+from recommender.feature_parts import PartFeatureStore, PartWriter
+from recommender.features import ExtractionResult, hash_rows
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(config: RayConfig) -> Iterator[object]:
+    """Joins the configured cluster (or starts a private local Ray) for one job; yields ``ray``.
+
+    A Ray already initialised in this process (a notebook, a test) is used as it is and left
+    running; one started here is shut down at the end.
+
+    Raises:
+        RayEngineError: Ray is not installed or the cluster cannot be joined.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise RayEngineError("the Ray engine needs ray[data]: pip install 'ray[data]'") from None
+    if ray.is_initialized():
+        yield ray
+        return
+    # Workers' own log lines (TensorFlow start-up) stay in Ray's session logs
+    # (/tmp/ray/session_*/logs); an actor's exception still reaches the driver as an error.
+    options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if config.address:
+        options["address"] = config.address
+    elif config.object_store_bytes:
+        options["object_store_memory"] = int(config.object_store_bytes)
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = config.address or "a local Ray"
+        raise RayEngineError(f"cannot start or join {where}: {str(error).splitlines()[0]}") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class ExtractionActor:
+    """One Ray actor: loads the backbone once, then turns batches of photos into stored features.
+
+    Args:
+        spec: the backbone spec's fields (``asdict(BackboneSpec)``).
+        backbone_key: the identity key the driver's backbone has; an actor whose backbone
+            differs (another weights file on its node) refuses to write features under it.
+        store_path: the part-file store folder.
+        flips: also extract the mirrored view.
+        max_pixels: decompression-bomb limit per photo.
+        decode_threads: photos decoded at once (Pillow releases the GIL).
+    """
+
+    def __init__(
+        self, spec: dict, backbone_key: str, store_path: str, flips: bool, max_pixels: int, decode_threads: int = 2
+    ):
+        from recommender.backbones import BackboneSpec, load_backbone
+
+        self.backbone = load_backbone(BackboneSpec(**spec))
+        if self.backbone.identity["key"] != backbone_key:
+            raise BackboneError(
+                f"the backbone on this Ray node ({self.backbone.spec.name}) is not the driver's: "
+                f"identity {self.backbone.identity['key']} != {backbone_key}; every node needs the same file"
+            )
+        self.writer = PartWriter(store_path, backbone_key, self.backbone.feature_dim)
+        self.views = ("original", "flipped") if flips else ("original",)
+        self.max_pixels = max_pixels
+        self.decoder = ThreadPoolExecutor(max(1, decode_threads))
+
+    def _decode(self, path: str):
+        from recommender.images import load_image
+
+        try:
+            return load_image(path, self.backbone.input_size, max_pixels=self.max_pixels)
+        except InvalidImageError as error:
+            return error
+
+    def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Decodes, extracts and stores chunks of photos; returns each photo's hash and error ("" when stored).
+
+        Each input row is one chunk (``paths``, ``sha256s``): the photos of one forward pass,
+        the same consecutive groups the local loop makes, so both engines see the same batches
+        (a backbone's float results depend slightly on what else is in its batch).
+        """
+        digests, errors = [], []
+        for paths, hashes in zip(chunks["paths"], chunks["sha256s"]):
+            found = self._extract([str(p) for p in paths], [str(h) for h in hashes])
+            digests += [str(h) for h in hashes]
+            errors += found
+        return {"sha256": np.array(digests, dtype=object), "error": np.array(errors, dtype=object)}
+
+    def _extract(self, paths: list[str], digests: list[str]) -> list[str]:
+        """One forward pass per view over the photos that decode; their parts written; errors per photo."""
+        decoded = list(self.decoder.map(self._decode, paths))
+        errors = [str(image) if isinstance(image, InvalidImageError) else "" for image in decoded]
+        good = [i for i, error in enumerate(errors) if not error]
+        if good:
+            stacked = np.stack([decoded[i] for i in good])
+            features = {}
+            for view in self.views:
+                features[view] = self.backbone.extract(stacked if view == "original" else stacked[:, :, ::-1])
+            checkpoint("ray-batch")  # features computed, nothing written: a kill here loses the batch
+            for view in self.views:
+                self.writer.write([digests[i] for i in good], features[view], view)
+        return errors
+
+
+def actor_plan(ray, config: RayConfig) -> tuple[int, float]:
+    """``(actors, GPUs per actor)`` from the config, else from the cluster's resources."""
+    resources = ray.cluster_resources()
+    gpus = float(resources.get("GPU", 0))
+    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if config.actors:
+        return int(config.actors), gpus_per_actor
+    if gpus_per_actor > 0:
+        return max(1, int(gpus // gpus_per_actor)), gpus_per_actor
+    # TensorFlow runs its own thread pool in each actor: one actor per four CPUs (at least one).
+    return max(1, int(resources.get("CPU", 1)) // 4), 0.0
+
+
+def extract_features_ray(
+    rows: list[CatalogRow],
+    backbone,
+    store: PartFeatureStore,
+    *,
+    config: RayConfig = RayConfig(),
+    flips: bool = False,
+    batch_size: int = 32,
+    max_pixels: int,
+    progress: bool = False,
+) -> ExtractionResult:
+    """:func:`recommender.features.extract_features` with the backbone work in Ray actors.
+
+    Args:
+        rows: catalog rows.
+        backbone: the driver's loaded backbone (its spec and identity are sent to the actors).
+        store: the part-file store; the actors write into its folder.
+        config: cluster and actor settings.
+        flips: also the mirrored view.
+        batch_size: photos per actor call (and per part file).
+        max_pixels: decompression-bomb limit per photo.
+        progress: show Ray Data's progress bars.
+
+    Returns:
+        As the local loop: features of every readable row in catalog order, bad rows with reasons.
+
+    Raises:
+        RayEngineError: Ray cannot start, or the job failed on the cluster (its first error).
+        FeatureStoreError: the stored features cannot be read back.
+    """
+    rows, hashes, bad_rows = hash_rows(rows)
+    views = ("original", "flipped") if flips else ("original",)
+    missing = np.zeros(len(rows), bool)
+    for view in views:
+        missing |= store.missing(hashes, view)
+    todo = {}
+    for row, digest, lacking in zip(rows, hashes, missing):
+        if lacking and digest not in todo:
+            todo[digest] = str(row.path)  # one extraction per photo, however many rows show it
+    errors: dict[str, str] = {}
+    if todo:
+        with ray_session(config) as ray:
+            import ray.data
+
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = progress
+            context.print_on_execution_start = progress
+            context.verbose_stats_logs = False
+            actors, gpus_per_actor = actor_plan(ray, config)
+            log.info("extracting %d photos in %d Ray actor(s), %.2g GPU each", len(todo), actors, gpus_per_actor)
+            pending = list(todo.items())
+            items = [
+                {"paths": [path for _, path in chunk], "sha256s": [digest for digest, _ in chunk]}
+                for chunk in (pending[i : i + batch_size] for i in range(0, len(pending), batch_size))
+            ]
+            dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
+            results = dataset.map_batches(
+                ExtractionActor,
+                fn_constructor_kwargs={
+                    "spec": asdict(backbone.spec),
+                    "backbone_key": backbone.identity["key"],
+                    "store_path": str(store.path),
+                    "flips": flips,
+                    "max_pixels": max_pixels,
+                },
+                batch_size=1,  # one chunk (a forward pass) per call
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=gpus_per_actor,
+                num_cpus=1,
+            )
+            try:
+                for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+                    for digest, error in zip(batch["sha256"], batch["error"]):
+                        if error:
+                            errors[str(digest)] = str(error)
+            except Exception as error:  # Ray wraps the actor's exception in its own types
+                cause = getattr(error, "cause", None) or error
+                if isinstance(cause, RecommenderError):
+                    raise cause from None  # a bad backbone or store on a node: the typed error itself
+                raise RayEngineError(f"the Ray extraction job failed: {str(error).splitlines()[0]}") from None
+        store.refresh()
+    keep = []
+    for row, digest in zip(rows, hashes):
+        if digest in errors:
+            bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=errors[digest]))
+        else:
+            keep.append((row, digest))
+    out_hashes = [digest for _, digest in keep]
+    matrices = {
+        view: store.get(out_hashes, view) if keep else np.empty((0, backbone.feature_dim), np.float32) for view in views
+    }
+    if todo:
+        store.compact()
+    for view in views:
+        if not np.isfinite(matrices[view]).all():
+            raise FeatureStoreError(f"the backbone gave non-finite (NaN or inf) {view} features; check its weights")
+    return ExtractionResult(
+        rows=[row for row, _ in keep],
+        hashes=out_hashes,
+        features=matrices["original"],
+        flipped=matrices.get("flipped"),
+        bad_rows=bad_rows,
+        extracted=len(todo) - len(errors),
+    )
+
+
+def ray_available() -> bool:
+    """Whether ``ray[data]`` can be imported here."""
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True

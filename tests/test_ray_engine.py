@@ -1,0 +1,110 @@
+"""The Ray engine: a build on a local Ray (in a private network namespace) equals the local build.
+
+Ray listens on the host's address too, so its runs here start inside ``unshare -n`` with only
+loopback up (``tests/ray_job.py``); the tests skip with the reason where namespaces or Ray are
+not available. One namespace run builds the catalog three ways; the tests read its bundles.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CORRUPT_ID = "corrupt-photo"
+
+
+def namespace_problem() -> str | None:
+    """Why a private network namespace cannot be made here (None when it can)."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "needs unshare and ip (util-linux, iproute2)"
+    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create a network namespace: {probe.stderr.strip()[:200]}"
+    return None
+
+
+def in_namespace(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """Runs a command in a new network namespace with loopback up."""
+    script = 'ip link set lo up && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-n", "sh", "-c", script, "sh", *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **options,
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_builds(tmp_path_factory):
+    """Runs tests/ray_job.py once in a namespace over a generated catalog with one corrupt photo."""
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
+    problem = namespace_problem()
+    if problem:
+        pytest.skip(problem)
+    from recommender.synthetic import generate_catalog
+
+    folder = tmp_path_factory.mktemp("ray-catalog")
+    catalog = generate_catalog(
+        folder, per_class=6, patterns=("plain", "stripes", "dots"), colours=("red", "blue"), size=64, seed=3
+    )
+    with open(catalog, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.append({**rows[0], "id": CORRUPT_ID, "file": "corrupt.jpg"})
+    with open(catalog, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path_factory.mktemp("ray-builds")
+    done = in_namespace([sys.executable, str(ROOT / "tests" / "ray_job.py"), str(catalog), str(out)], 900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, json.loads((out / "reports.json").read_text()), len(rows)
+
+
+def test_ray_and_local_builds_give_the_same_bundle(ray_builds):
+    from recommender.engine import load_bundle
+
+    out, reports, total = ray_builds
+    local, on_ray = load_bundle(out / "local", use_gpu=False), load_bundle(out / "ray", use_gpu=False)
+    assert [row.id for row in on_ray.rows] == [row.id for row in local.rows] and len(local.rows) == total - 1
+    assert [row.labels for row in on_ray.rows] == [row.labels for row in local.rows]
+    vectors = np.stack([on_ray.index.reconstruct(i) for i in range(on_ray.index.size)])
+    expected = np.stack([local.index.reconstruct(i) for i in range(local.index.size)])
+    assert np.abs(vectors - expected).max() <= 1e-5
+    for row in local.rows:
+        assert [n["id"] for n in on_ray.similar_to_item(row.id)["neighbors"]] == [
+            n["id"] for n in local.similar_to_item(row.id)["neighbors"]
+        ]
+    assert reports["ray"]["extracted"] == reports["local"]["extracted"] == total - 1
+
+
+def test_a_corrupt_photo_is_a_bad_row_on_ray_too(ray_builds):
+    _, reports, _ = ray_builds
+    bad = {engine: [(row["id"], row["reason"]) for row in reports[engine]["bad_rows"]] for engine in ("local", "ray")}
+    assert [item for item, _ in bad["ray"]] == [CORRUPT_ID]
+    assert bad["ray"] == bad["local"]
+
+
+def test_an_actor_killed_mid_batch_is_retried_and_nothing_is_missing(ray_builds):
+    out, reports, total = ray_builds
+    assert (out / "killed").exists()  # the first actor SIGKILLed itself at its first batch
+    assert reports["ray"]["items"] == total - 1 and not [
+        row for row in reports["ray"]["bad_rows"] if row["id"] != CORRUPT_ID
+    ]
+
+
+def test_the_ray_store_is_compacted_parts_that_a_rerun_reuses(ray_builds):
+    out, reports, total = ray_builds
+    parts = out / "ray.parts"
+    assert (parts / "store.json").is_file() and list(parts.rglob("prefix=*/part-*.parquet"))
+    assert not list(parts.rglob("incoming/part-*.parquet"))
+    assert reports["ray-again"]["extracted"] == 0 and reports["ray-again"]["cached"] == total - 1
