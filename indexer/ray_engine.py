@@ -231,6 +231,7 @@ def extract_features_ray(
                     for digest, error in zip(batch["sha256"], batch["error"]):
                         if error:
                             errors[str(digest)] = str(error)
+                    checkpoint("ray-results")  # parts of finished batches stored: a driver killed here loses none
             except Exception as error:  # Ray wraps the actor's exception in its own types
                 cause = getattr(error, "cause", None) or error
                 if isinstance(cause, RecommenderError):

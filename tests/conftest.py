@@ -333,7 +333,14 @@ def quick_runs(request):
 #: The longest modules (minutes each on two cores), collected first: pytest-xdist hands out whole
 #: modules (``--dist loadfile``) in collection order, so these start at once instead of ending the
 #: run one after another on a single worker while the others sit idle.
-LONGEST_FIRST = ("test_real_data", "test_rebuild", "test_rebuild_gate", "test_rebuild_kill", "test_demo")
+LONGEST_FIRST = (
+    "test_real_data",
+    "test_ray_engine",
+    "test_rebuild",
+    "test_rebuild_gate",
+    "test_rebuild_kill",
+    "test_demo",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,8 +5,9 @@
 Starts one local Ray (2 CPUs, 200 MB object store) and builds the catalog three times with the
 tiny bundle's settings: ``OUT/local`` (engine local, HDF5 store), ``OUT/ray`` (engine ray, part
 store ``OUT/ray.parts``; the first actor to reach a batch is SIGKILLed once, marker
-``OUT/killed``) and ``OUT/ray-again`` (engine ray, same store: everything cached). Writes each
-build's report to ``OUT/reports.json``. The test asserts on those files.
+``OUT/killed``) and ``OUT/ray-again`` (engine ray, same store: everything cached). Then a
+nightly rebuild on that Ray whose driver is SIGKILLed mid-extraction, and its rerun
+(:func:`killed_driver`). Writes the reports to ``OUT/reports.json``; the test asserts on them.
 """
 
 from __future__ import annotations
@@ -39,9 +40,78 @@ def main(catalog: str, out: str) -> int:
     ray_config = replace(config, engine="ray", feature_store=out_path / "ray.parts")
     reports["ray"] = build_bundle(catalog, out_path / "ray", ray_config).to_json()
     reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", ray_config).to_json()
+    reports["killed-driver"] = killed_driver(catalog, out_path, ray_config, ray.get_runtime_context().gcs_address)
     (out_path / "reports.json").write_text(json.dumps(reports, default=str))
     ray.shutdown()
     return 0
+
+
+def killed_driver(catalog: str, out: Path, config, address: str) -> dict:
+    """A nightly rebuild on this Ray whose driver is SIGKILLed mid-extraction, then run again.
+
+    The root gets a published bundle first (in process); then 12 new photos come, and
+    ``recommender rebuild --engine ray`` (two photos per batch) is killed once its first batch
+    is stored. Returns what the test checks: ``current`` after the kill, the parts left, the rerun.
+    """
+    import csv
+    import signal
+    import subprocess
+
+    from indexer.rebuild import RebuildConfig, rebuild
+    from recommender.bundle import verify_bundle
+    from recommender.synthetic import generate_catalog
+
+    root = out / "root"
+    first = rebuild(catalog, root, config, RebuildConfig(max_accuracy_drop=1.0))
+    extra = generate_catalog(
+        Path(catalog).parent / "extra", per_class=2, patterns=("plain", "stripes", "dots"), colours=("red", "blue"),
+        size=64, seed=5,
+    )  # fmt: skip
+    with open(catalog, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(extra, newline="") as handle:
+        rows += [{**row, "id": "new-" + row["id"], "file": "extra/" + row["file"]} for row in csv.DictReader(handle)]
+    grown = Path(catalog).with_name("grown.csv")
+    with open(grown, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = [sys.executable, "-m", "recommender", "rebuild", "--catalog", str(grown), "--root", str(root)]
+    command += ["--id-column", "id", "--label-column", "label", "--label-column", "colour", "--weights", "none"]
+    command += ["--image-size", "64", "--epochs", "4", "--max-accuracy-drop", "1", "--max-bad-fraction", "0.2"]
+    command += ["--engine", "ray", "--ray-address", address, "--batch-size", "2"]
+    paused = subprocess.Popen(
+        command,
+        env={**os.environ, "RECOMMENDER_PAUSE_AT": "ray-results:120"},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    seen = []
+    for line in paused.stderr:
+        seen.append(line)
+        if line.startswith("checkpoint ray-results"):
+            os.killpg(paused.pid, signal.SIGKILL)
+            break
+    paused.wait()
+    parts = root / "features.parts"
+    after_kill = {
+        "reached_checkpoint": any(line.startswith("checkpoint ray-results") for line in seen),
+        "returncode": paused.returncode,
+        "current": (root / "current").resolve().name,
+        "current_verifies": verify_bundle(root / "current").bundle_id,
+        "incoming_parts": len(list(parts.rglob("incoming/part-*.parquet"))),
+        "stderr_tail": "".join(seen[-20:]),
+    }
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return {
+        "first": first,
+        "after_kill": after_kill,
+        "rerun_returncode": again.returncode,
+        "rerun": json.loads(again.stdout.splitlines()[-1]) if again.returncode == 0 else again.stderr[-3000:],
+        "new_photos": len(rows) - 37,
+    }
 
 
 if __name__ == "__main__":

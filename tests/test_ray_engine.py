@@ -108,3 +108,17 @@ def test_the_ray_store_is_compacted_parts_that_a_rerun_reuses(ray_builds):
     assert (parts / "store.json").is_file() and list(parts.rglob("prefix=*/part-*.parquet"))
     assert not list(parts.rglob("incoming/part-*.parquet"))
     assert reports["ray-again"]["extracted"] == 0 and reports["ray-again"]["cached"] == total - 1
+
+
+def test_a_killed_driver_leaves_current_valid_and_the_rerun_reuses_stored_parts(ray_builds):
+    _, reports, _ = ray_builds
+    killed = reports["killed-driver"]
+    after = killed["after_kill"]
+    assert after["reached_checkpoint"] and after["returncode"] == -9, after["stderr_tail"]
+    # current still names the first bundle, which verifies; the stored batches are still there.
+    assert after["current"] == after["current_verifies"] == killed["first"]["bundle_id"]
+    assert after["incoming_parts"] >= 1
+    assert killed["rerun_returncode"] == 0, killed["rerun"]
+    rerun = killed["rerun"]
+    assert rerun["state"] == "published" and rerun["counts"]["added"] == killed["new_photos"]
+    assert rerun["counts"]["extracted"] < killed["new_photos"]  # the photos stored before the kill are reused

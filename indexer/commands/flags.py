@@ -204,6 +204,12 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"maximum training epochs (default: {defaults.train.max_epochs}; early stopping usually ends sooner)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="photos per backbone forward pass (and per stored feature part) (default: %(default)s)",
+    )
     engine = parser.add_argument_group("engine (README: Scaling out)")
     engine.add_argument(
         "--engine",
@@ -308,6 +314,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         max_bad_fraction=args.max_bad_fraction,
         min_class_examples=args.min_class_examples,
         feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
+        batch_size=args.batch_size,
         engine=args.engine,
         ray=RayConfig(
             address=args.ray_address,
