@@ -128,6 +128,10 @@ def prepare_catalog(catalog: str | Path | Catalog, config: BuildConfig, *, progr
         catalog = load_catalog(catalog, config)
     # Fail before the expensive part when reading alone already found too many bad rows.
     check_bad_fraction(catalog.total, catalog.bad_rows, config.max_bad_fraction)
+    if config.engine == "ray" and config.ray.address:
+        from indexer.ray_engine import check_reachable
+
+        check_reachable(config.ray.address)  # before minutes of loading, not after
     backbone = load_backbone(config.backbone)
     seconds = {"load_backbone": time.perf_counter() - started}
     mark = time.perf_counter()

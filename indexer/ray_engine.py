@@ -61,6 +61,7 @@ def ray_session(config: RayConfig) -> Iterator[object]:
     # (/tmp/ray/session_*/logs); an actor's exception still reaches the driver as an error.
     options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     if config.address:
+        check_reachable(config.address)
         options["address"] = config.address
     elif config.object_store_bytes:
         options["object_store_memory"] = int(config.object_store_bytes)
@@ -73,6 +74,32 @@ def ray_session(config: RayConfig) -> Iterator[object]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fails fast when a ``HOST:PORT`` (or ``ray://HOST:PORT``) cluster address does not answer.
+
+    ``ray.init`` retries an address that does not answer for minutes; a nightly job should say
+    so at once. ``auto`` (the cluster ``ray start`` runs here) is left to Ray, which fails fast.
+
+    Raises:
+        RayEngineError: the address is malformed or nothing listens there.
+    """
+    import socket
+
+    if address == "auto":
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise RayEngineError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise RayEngineError(
+            f"no Ray cluster answers at {address} ({error.strerror or error}); start one with `ray start --head` "
+            "or leave out --ray-address for a private local Ray"
+        ) from None
 
 
 class ExtractionActor:

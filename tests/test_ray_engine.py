@@ -122,3 +122,18 @@ def test_a_killed_driver_leaves_current_valid_and_the_rerun_reuses_stored_parts(
     rerun = killed["rerun"]
     assert rerun["state"] == "published" and rerun["counts"]["added"] == killed["new_photos"]
     assert rerun["counts"]["extracted"] < killed["new_photos"]  # the photos stored before the kill are reused
+
+
+def test_an_unreachable_cluster_is_one_clear_error_at_once(generated_catalog, tmp_path):
+    """ray.init retries an address nothing answers for minutes; the job says so before loading anything."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens there
+    command = [sys.executable, "-m", "recommender", "build", "--catalog", str(generated_catalog)]
+    command += ["--out", str(tmp_path / "b"), "--engine", "ray", "--ray-address", f"127.0.0.1:{port}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: no Ray cluster answers at 127.0.0.1:{port}" in done.stderr
+    assert not (tmp_path / "b").exists()
