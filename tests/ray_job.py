@@ -23,6 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_build_config  # noqa: E402
 
 
+def step(name: str) -> None:
+    """One line per phase on stderr, so a run that times out shows where it was."""
+    import time
+
+    print(f"ray_job {time.strftime('%H:%M:%S')} {name}", file=sys.stderr, flush=True)
+
+
 def main(catalog: str, out: str) -> int:
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -36,10 +43,14 @@ def main(catalog: str, out: str) -> int:
     config = replace(tiny_build_config(out_path / "local.h5"), batch_size=8, max_bad_fraction=0.2)
     config = replace(config, train=replace(config.train, max_epochs=4))
     reports = {}
+    step("local build")
     reports["local"] = build_bundle(catalog, out_path / "local", config).to_json()
     ray_config = replace(config, engine="ray", feature_store=out_path / "ray.parts")
+    step("ray build")
     reports["ray"] = build_bundle(catalog, out_path / "ray", ray_config).to_json()
+    step("ray build again")
     reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", ray_config).to_json()
+    step("killed driver")
     reports["killed-driver"] = killed_driver(catalog, out_path, ray_config, ray.get_runtime_context().gcs_address)
     (out_path / "reports.json").write_text(json.dumps(reports, default=str))
     ray.shutdown()
@@ -62,6 +73,7 @@ def killed_driver(catalog: str, out: Path, config, address: str) -> dict:
     from recommender.synthetic import generate_catalog
 
     root = out / "root"
+    step("first rebuild")
     first = rebuild(catalog, root, config, RebuildConfig(max_accuracy_drop=1.0))
     extra = generate_catalog(
         Path(catalog).parent / "extra", per_class=2, patterns=("plain", "stripes", "dots"), colours=("red", "blue"),
@@ -80,6 +92,7 @@ def killed_driver(catalog: str, out: Path, config, address: str) -> dict:
     command += ["--id-column", "id", "--label-column", "label", "--label-column", "colour", "--weights", "none"]
     command += ["--image-size", "64", "--epochs", "4", "--max-accuracy-drop", "1", "--max-bad-fraction", "0.2"]
     command += ["--engine", "ray", "--ray-address", address, "--batch-size", "2"]
+    step("rebuild to kill")
     paused = subprocess.Popen(
         command,
         env={**os.environ, "RECOMMENDER_PAUSE_AT": "ray-results:120"},
@@ -104,6 +117,7 @@ def killed_driver(catalog: str, out: Path, config, address: str) -> dict:
         "incoming_parts": len(list(parts.rglob("incoming/part-*.parquet"))),
         "stderr_tail": "".join(seen[-20:]),
     }
+    step("rerun")
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     return {
         "first": first,

@@ -34,13 +34,17 @@ def namespace_problem() -> str | None:
 def in_namespace(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
     """Runs a command in a new network namespace with loopback up."""
     script = 'ip link set lo up && exec "$@"'
-    return subprocess.run(
-        ["unshare", "-n", "sh", "-c", script, "sh", *command],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **options,
-    )
+    try:
+        return subprocess.run(
+            ["unshare", "-n", "sh", "-c", script, "sh", *command],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **options,
+        )
+    except subprocess.TimeoutExpired as error:
+        errors = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        pytest.fail(f"timed out after {timeout} s; its stderr ends:\n{errors[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,7 @@ def ray_builds(tmp_path_factory):
         writer.writeheader()
         writer.writerows(rows)
     out = tmp_path_factory.mktemp("ray-builds")
-    done = in_namespace([sys.executable, str(ROOT / "tests" / "ray_job.py"), str(catalog), str(out)], 900, cwd=ROOT)
+    done = in_namespace([sys.executable, str(ROOT / "tests" / "ray_job.py"), str(catalog), str(out)], 1500, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     return out, json.loads((out / "reports.json").read_text()), len(rows)
 
