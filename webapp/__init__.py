@@ -79,7 +79,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     live.load_now()
     app.extensions["live_bundle"] = live
     batching = BatchSettings(max_wait_ms=settings.batch_wait_ms, max_batch=settings.max_batch)
-    # Its thread starts with the first upload, in the process that serves it (after gunicorn's fork).
+    # No thread of its own: concurrent request threads take turns running the shared forward pass.
     app.extensions["query_batcher"] = QueryBatcher(batching) if batching.enabled else None
 
     # Request id, timer, request log line and metrics first: every other hook sees the id.
