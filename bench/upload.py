@@ -1,21 +1,23 @@
 """Upload cost: one upload against the bare forward pass it computes, and batching concurrent uploads.
 
-    python bench/upload.py [--items 10000] [--seconds 20] [--queries 60] [--keep DIR] [--quick]
+    python bench/upload.py [--items 10000] [--seconds 10] [--waits 5] [--rounds 3] [--queries 60] [--keep DIR] [--quick]
 
 1. In process, per test photo, interleaved so that load on the machine hits all alike: the
    bare forward pass of what an upload computes (``engine.embed_outputs`` on the decoded
    photo: the backbone on the photo and its mirror as one batch of 2 when the bundle
    flip-averages, then the classifier), the same with the backbone called once per view (how
    it was before both views went in one call), and the whole upload in process
-   (``engine.query(bytes)`` + ``json.dumps``). Also the parts: decode, backbone, classifier,
-   search.
+   (``engine.query(bytes)`` + ``json.dumps``). Also the parts (decode, backbone, classifier,
+   search) and what sharing a forward pass can save: ``answer_decoded`` per upload for
+   batches of 1 to 16.
 2. Over HTTP: the production command (``gunicorn -c python:webapp.gunicorn_conf``: 2 gthread
-   workers of 8 threads) on 127.0.0.1, twice, batching off (``RECOMMENDER_BATCH_WAIT_MS=0``) and
-   on (5 ms, batches of up to 16), both running for the whole measurement. POST
-   /api/v1/similar from 1 and 8 client threads, each level timed on both servers in the order
-   off, on, on, off (so drift in the machine's load hits both alike) and the two halves
-   pooled. Throughput, p50 / p95 latency, server CPU per upload, and uploads per forward pass
-   (from ``/metrics``).
+   workers of 8 threads) on 127.0.0.1, one server per setting, all running for the whole
+   measurement: batching off (``RECOMMENDER_BATCH_WAIT_MS=0``) and on with each ``--waits``
+   value (batches of up to 16). POST /api/v1/similar from 1 and 8 client threads; each level
+   is timed on every server in the order off, on..., ...on, off (``--rounds`` times at 8
+   clients), so drift in the machine's load hits each alike, and the runs are pooled.
+   Throughput, p50 / p95 latency, server CPU per upload, uploads per forward pass (from
+   ``/metrics``), and each run's throughput (their spread is the noise).
 
 The bundle: MobileNet v1 TFLite (../shared) on clothing-small, its index grown to ``--items``
 with synthetic embeddings (bench/web.py's helpers). Writes bench/results/upload.json.
