@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -194,12 +194,8 @@ class Recommender:
             QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
         names = names or [None] * len(images)
-        options = [
-            self.query_options(
-                k, exclude_self=exclude_self, name=name, filters=filters, match_predicted=match_predicted
-            )
-            for name in names
-        ]
+        checked = self.query_options(k, exclude_self=exclude_self, filters=filters, match_predicted=match_predicted)
+        options = [replace(checked, name=name) for name in names]
         decoded = [self.decode(image) for image in images]
         answers = self.answer_decoded(decoded, options)
         for i, image in enumerate(images):

@@ -181,6 +181,7 @@ def test_one_batch_never_mixes_bundles(engine, attribute_engine, photos):
 
 
 def test_batch_settings_from_the_environment():
+    assert resolve_config(environ={}).batch_wait_ms == 0  # off unless asked for (see WebConfig)
     config = resolve_config(environ={"RECOMMENDER_BATCH_WAIT_MS": "2.5", "RECOMMENDER_MAX_BATCH": "8"})
     assert (config.batch_wait_ms, config.max_batch) == (2.5, 8)
     assert BatchSettings(config.batch_wait_ms, config.max_batch).enabled

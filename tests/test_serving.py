@@ -1,7 +1,7 @@
 """The production command: gunicorn with the shipped config survives slow clients and follows a publish in every worker.
 
-One gunicorn (``-c python:webapp.gunicorn_conf``, 2 workers of 4 threads) serves a ``current``
-symlink on 127.0.0.1 for the whole module; it is killed when the module ends.
+One gunicorn (``-c python:webapp.gunicorn_conf``, 2 workers of 4 threads, uploads batched) serves a
+``current`` symlink on 127.0.0.1 for the whole module; it is killed when the module ends.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Server:
             "RECOMMENDER_THREADS": "4",
             "RECOMMENDER_BODY_TIMEOUT": str(BODY_TIMEOUT_S),
             "RECOMMENDER_WORKER_TIMEOUT": str(WORKER_TIMEOUT_S),
+            "RECOMMENDER_BATCH_WAIT_MS": "5",  # uploads batched: every test here runs through the batcher
             "TF_CPP_MIN_LOG_LEVEL": "2",
             "PROMETHEUS_MULTIPROC_DIR": str(log_path.parent / "metrics"),
         }

@@ -42,7 +42,7 @@ def catalog_row(item_id: str) -> CatalogRecord:
 def query(image, k: int, *, filters: dict | None = None, match_predicted: Sequence[str] = ()) -> dict:
     """The engine's answer for one photo: predictions and its ``k`` nearest (filtered) items.
 
-    With batching on (``WebConfig.batch_wait_ms``), the photo is decoded in this thread and
+    With batching on (``WebConfig.batch_wait_ms`` > 0), the photo is decoded in this thread and
     its forward pass shared with concurrent uploads (``recommender.batching.QueryBatcher``);
     off, it is ``engine().query``'s own path.
 
