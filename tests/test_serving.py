@@ -201,11 +201,13 @@ def test_slow_uploads_do_not_stop_health_checks_or_other_uploads(server, engine)
 def _bundle_answers(server, item_id: str, count: int) -> list[tuple[str, str]]:
     """``(bundle id, worker pid)`` of item requests, each on its own connection.
 
-    At least ``count`` of them, and more (up to 10x) until both workers have answered: which
-    worker accepts a connection is up to the kernel.
+    At least ``count`` of them, and more (for up to 20 s) until both workers have answered: which
+    worker accepts a connection is up to the kernel, and a worker that has just swapped bundles
+    is busy collecting the old one for a moment (120 probes in 0.7 s all went to the other one).
     """
     answers = []
-    while len(answers) < count or (len({pid for _, pid in answers}) < 2 and len(answers) < 10 * count):
+    deadline = time.monotonic() + 20
+    while len(answers) < count or (len({pid for _, pid in answers}) < 2 and time.monotonic() < deadline):
         marker = f"probe-{time.monotonic_ns()}"
         status, body, _ = server.get(f"/api/v1/items/{item_id}/similar?k=2&{marker}")
         assert status == 200
