@@ -122,6 +122,7 @@ def grow_bundle(base: Path, out: Path, items: int, seed: int = 0) -> Path:
     def fill(folder: Path) -> dict:
         for name in manifest.files:
             if name not in ("index.faiss", "catalog.jsonl"):
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)  # backbone/<model file>
                 shutil.copy2(base / name, folder / name)
         VectorIndex.build(vectors, "flat", use_gpu=False).save(folder / "index.faiss")
         with open(folder / "catalog.jsonl", "w", encoding="utf-8") as handle:
@@ -233,6 +234,7 @@ def process_cpu_seconds(pid: int) -> float:
 def percentiles(milliseconds: list[float]) -> dict:
     return {
         "p50_ms": float(np.percentile(milliseconds, 50)),
+        "p95_ms": float(np.percentile(milliseconds, 95)),
         "p99_ms": float(np.percentile(milliseconds, 99)),
         "mean_ms": float(np.mean(milliseconds)),
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,38 @@ log = logging.getLogger(__name__)
 
 DEFAULT_K = 6
 MAX_K = 100
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A query image read and preprocessed, ready for the forward pass (:meth:`Recommender.decode`).
+
+    Attributes:
+        raw: the encoded bytes and their sha256 (self-exclusion looks the hash up).
+        pixels: (s, s, 3) uint8 from ``images.load_image`` at the bundle's input size.
+    """
+
+    raw: ImageBytes
+    pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    """One query's checked parameters (:meth:`Recommender.query_options`); see :meth:`Recommender.query`.
+
+    Attributes:
+        k: neighbours, 1..100.
+        exclude_self: leave out catalog items with the image's content hash.
+        name: what the answer reports as ``"image"``.
+        filters: ``{column: [values]}``, empty for none.
+        match_predicted: label columns whose predicted value the neighbours must share.
+    """
+
+    k: int = DEFAULT_K
+    exclude_self: bool = True
+    name: str | None = None
+    filters: Mapping[str, list[str]] = field(default_factory=dict)
+    match_predicted: tuple[str, ...] = ()
 
 
 class Recommender:
@@ -160,30 +193,98 @@ class Recommender:
             InvalidImageError: the first image that cannot be read.
             QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
         """
-        check_k(k)
-        filters, match_predicted = self._check_filters(filters, match_predicted)
-        raws = [image if isinstance(image, ImageBytes) else read_image_bytes(image) for image in images]
-        decoded = np.stack([load_image(raw, self.backbone.input_size, max_pixels=self.max_pixels) for raw in raws])
-        embeddings, outputs = self.embed_outputs(decoded)
         names = names or [None] * len(images)
-        excluded_lists = [self._by_hash.get(raw.sha256, []) if exclude_self else [] for raw in raws]
-        filtered = bool(filters or match_predicted)
-        if not filtered:
-            result = self.index.search_excluding(embeddings, excluded_lists, k)
-        answers = []
+        checked = self.query_options(k, exclude_self=exclude_self, filters=filters, match_predicted=match_predicted)
+        options = [replace(checked, name=name) for name in names]
+        decoded = [self.decode(image) for image in images]
+        answers = self.answer_decoded(decoded, options)
         for i, image in enumerate(images):
-            label = (
-                names[i] if names[i] is not None else (str(image) if isinstance(image, (str, os.PathLike)) else None)
-            )
-            answer = {"image": label, **self.label_space.describe(outputs, i)}
-            if filtered:
-                applied = dict(filters)
-                for column in match_predicted:
-                    applied[column] = [answer["predicted"][column]["label"]]
-                answer["neighbors"], answer["filter"] = self._filtered(embeddings[i], applied, excluded_lists[i], k)
+            if names[i] is None and isinstance(image, (str, os.PathLike)):
+                answers[i]["image"] = str(image)
+        return answers
+
+    def query_options(
+        self,
+        k: int = DEFAULT_K,
+        *,
+        exclude_self: bool = True,
+        name: str | None = None,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
+        match_predicted: Sequence[str] = (),
+    ) -> QueryOptions:
+        """Checks one query's parameters against this bundle (before any image is decoded).
+
+        Args:
+            k, exclude_self, name, filters, match_predicted: as in :meth:`query`.
+
+        Returns:
+            The checked :class:`QueryOptions` (filters normalised to ``{column: [values]}``).
+
+        Raises:
+            QueryError: ``k`` out of range; FilterError (a QueryError) for a bad filter.
+        """
+        check_k(k)
+        normal, columns = self._check_filters(filters, match_predicted)
+        return QueryOptions(
+            k=int(k),
+            exclude_self=exclude_self,
+            name=name,
+            filters=normal,
+            match_predicted=tuple(columns),
+        )
+
+    def decode(self, image: ImageSource | ImageBytes) -> DecodedImage:
+        """Reads and preprocesses one query image (``images.load_image``, at this bundle's size and pixel limit).
+
+        Returns:
+            A :class:`DecodedImage`: the encoded bytes with their sha256 and (s, s, 3) uint8 pixels.
+
+        Raises:
+            InvalidImageError: the image cannot be read.
+        """
+        raw = image if isinstance(image, ImageBytes) else read_image_bytes(image)
+        return DecodedImage(raw=raw, pixels=load_image(raw, self.backbone.input_size, max_pixels=self.max_pixels))
+
+    def answer_decoded(self, decoded: Sequence[DecodedImage], options: Sequence[QueryOptions]) -> list[dict]:
+        """Answers decoded queries, each with its own options, in ONE forward pass.
+
+        This is what :meth:`query_many` and the web app's micro-batcher
+        (``recommender.batching.QueryBatcher``) run: the backbone and classifier see all images
+        at once; the search runs once per group of unfiltered queries with the same ``k``, and
+        once per filtered query (filters differ per query and need the predicted labels).
+
+        Args:
+            decoded: images from :meth:`decode`.
+            options: one :class:`QueryOptions` from :meth:`query_options` per image.
+
+        Returns:
+            One answer per image, as :meth:`query` gives it.
+        """
+        if len(decoded) != len(options):
+            raise ValueError(f"{len(decoded)} images for {len(options)} query options")
+        if not decoded:
+            return []
+        embeddings, outputs = self.embed_outputs(np.stack([image.pixels for image in decoded]))
+        excluded_lists = [
+            self._by_hash.get(image.raw.sha256, []) if option.exclude_self else []
+            for image, option in zip(decoded, options)
+        ]
+        answers = [{"image": option.name, **self.label_space.describe(outputs, i)} for i, option in enumerate(options)]
+        unfiltered: dict[int, list[int]] = {}
+        for i, option in enumerate(options):
+            if option.filters or option.match_predicted:
+                applied = dict(option.filters)
+                for column in option.match_predicted:
+                    applied[column] = [answers[i]["predicted"][column]["label"]]
+                answers[i]["neighbors"], answers[i]["filter"] = self._filtered(
+                    embeddings[i], applied, excluded_lists[i], option.k
+                )
             else:
-                answer["neighbors"] = self._neighbors(result.positions[i], result.distances[i])
-            answers.append(answer)
+                unfiltered.setdefault(option.k, []).append(i)
+        for k, rows in unfiltered.items():
+            result = self.index.search_excluding(embeddings[rows], [excluded_lists[i] for i in rows], k)
+            for j, i in enumerate(rows):
+                answers[i]["neighbors"] = self._neighbors(result.positions[j], result.distances[j])
         return answers
 
     def similar_to_item(

@@ -359,7 +359,8 @@ def prometheus_sample(exposition: str, name: str, **labels) -> float:
     import re
 
     wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
-    match = re.search(rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} ([0-9.e+]+)$", exposition, re.MULTILINE)
+    selector = rf"\{{{re.escape(wanted)}\}}" if labels else ""  # a metric without labels has no braces
+    match = re.search(rf"^{re.escape(name)}{selector} ([0-9.e+]+)$", exposition, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
 

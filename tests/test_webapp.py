@@ -477,7 +477,8 @@ def test_unexpected_failure_is_a_clean_500_and_the_server_keeps_answering(app, c
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug /secret/path")
 
-    monkeypatch.setattr(served, "query", broken)
+    # answer_decoded: where every upload is answered, batched (recommender.batching) or not.
+    monkeypatch.setattr(served, "answer_decoded", broken)
     message = error_of(upload(client, catalog_photo), 500, "internal_error")
     assert "secret" not in message
     assert "secret" not in html_error(client.post("/", data={"image": (io.BytesIO(catalog_photo), "a.jpg")}), 500)

@@ -48,6 +48,7 @@ def create_app(config: Mapping | None = None) -> Flask:
         BundleError: the bundle is missing, invalid or tampered with.
         WeightsUnavailableError: the bundle's backbone weights cannot be had here.
     """
+    from recommender.batching import BatchSettings, QueryBatcher
     from recommender.engine import load_bundle
     from webapp import cors, observability
     from webapp.api import api
@@ -77,6 +78,9 @@ def create_app(config: Mapping | None = None) -> Flask:
     live = LiveBundle(settings.bundle, settings.reload_interval_s, load_bundle)
     live.load_now()
     app.extensions["live_bundle"] = live
+    batching = BatchSettings(max_wait_ms=settings.batch_wait_ms, max_batch=settings.max_batch)
+    # No thread of its own: concurrent request threads take turns running the shared forward pass.
+    app.extensions["query_batcher"] = QueryBatcher(batching) if batching.enabled else None
 
     # Request id, timer, request log line and metrics first: every other hook sees the id.
     observability.install(app, live, metrics_enabled=settings.metrics)

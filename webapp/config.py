@@ -21,6 +21,8 @@ ENVIRONMENT_VARIABLES = {
     "RECOMMENDER_CORS_ORIGINS": "cors_origins",
     "RECOMMENDER_LOG_FORMAT": "log_format",
     "RECOMMENDER_METRICS": "metrics",
+    "RECOMMENDER_BATCH_WAIT_MS": "batch_wait_ms",
+    "RECOMMENDER_MAX_BATCH": "max_batch",
 }
 
 #: Values of ``log_format``: one JSON object per line, or a plain line for a terminal.
@@ -57,6 +59,16 @@ class WebConfig:
             lines and every other ``webapp`` log line (``$RECOMMENDER_LOG_FORMAT``).
         metrics: serve Prometheus metrics at ``/metrics`` (``$RECOMMENDER_METRICS``; on by
             default). Keep ``/metrics`` off the public address (the proxy blocks it).
+        batch_wait_ms: above 0, concurrent uploads share one forward pass
+            (``recommender.batching``): the upload leading a batch waits at most this long for
+            uploads still being decoded to join it (a lone upload never waits); 5 is a good
+            value. 0, the default, is off: each upload runs its own forward pass. Off by
+            default because on the CPU machine measured (bench/upload.py, 2 cores, TFLite
+            MobileNet) batching used 4-6% less CPU per upload but did not raise throughput at 8
+            clients (0.76-1.04x); turn it on where the backbone gains from batches, such as a GPU
+            (``$RECOMMENDER_BATCH_WAIT_MS``).
+        max_batch: the most uploads in one forward pass; 0 or 1 also turns batching off
+            (``$RECOMMENDER_MAX_BATCH``).
     """
 
     bundle: Path | None = None
@@ -69,6 +81,8 @@ class WebConfig:
     cors_origins: tuple[str, ...] = ()
     log_format: str = "json"
     metrics: bool = True
+    batch_wait_ms: float = 0.0
+    max_batch: int = 16
 
     @property
     def max_upload_bytes(self) -> int:

@@ -40,6 +40,9 @@ COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "O
 #: Latency histogram buckets, seconds: a query takes ~20-80 ms, an item lookup ~1 ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: Upload batch size histogram buckets (uploads per forward pass).
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
 #: ``endpoint`` label of a request that matched no route (a 404 or a scanner's probe).
 UNMATCHED = "unmatched"
 
@@ -213,6 +216,9 @@ class Metrics:
         latency: ``recommender_http_request_duration_seconds{endpoint, method}`` (histogram).
         reload_failures: ``recommender_bundle_reload_failures_total``: published bundles refused.
         swaps: ``recommender_bundle_swaps_total``: new bundles swapped in without downtime.
+        forward_passes: ``recommender_upload_forward_passes_total``: forward passes run for
+            uploads (with batching on, fewer than the uploads answered).
+        batch_size: ``recommender_upload_batch_size`` (histogram): uploads per forward pass.
 
     Args:
         live: the app's ``LiveBundle`` (read at scrape time; its reload outcomes are counted).
@@ -243,6 +249,17 @@ class Metrics:
         self.swaps = Counter(
             "recommender_bundle_swaps", "New bundles loaded and swapped in while serving.", registry=self.registry
         )
+        self.forward_passes = Counter(
+            "recommender_upload_forward_passes",
+            "Forward passes (backbone + classifier) run for uploaded photos; batching shares one between uploads.",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "recommender_upload_batch_size",
+            "Uploads answered per forward pass (1 without batching).",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
         self._live = live
         self._bundle = BundleCollector(live, bundle_created_at)
         self.registry.register(self._bundle)
@@ -251,6 +268,11 @@ class Metrics:
     def reload_outcome(self, outcome: str) -> None:
         """Counts a background reload's outcome (``LiveBundle`` calls this: ``swapped`` or ``refused``)."""
         (self.swaps if outcome == "swapped" else self.reload_failures).inc()
+
+    def forward_pass(self, uploads: int) -> None:
+        """Counts one forward pass that answered ``uploads`` uploads (the batcher's listener)."""
+        self.forward_passes.inc()
+        self.batch_size.observe(uploads)
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         """Counts one answered request and its latency."""
@@ -286,6 +308,9 @@ def install(app: Flask, live, *, metrics_enabled: bool) -> None:
     """
     metrics = Metrics(live) if metrics_enabled else None
     app.extensions["metrics"] = metrics
+    batcher = app.extensions.get("query_batcher")
+    if metrics is not None and batcher is not None:
+        batcher.listeners.append(metrics.forward_pass)
 
     @app.before_request
     def start_request():

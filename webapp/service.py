@@ -42,6 +42,10 @@ def catalog_row(item_id: str) -> CatalogRecord:
 def query(image, k: int, *, filters: dict | None = None, match_predicted: Sequence[str] = ()) -> dict:
     """The engine's answer for one photo: predictions and its ``k`` nearest (filtered) items.
 
+    With batching on (``WebConfig.batch_wait_ms`` > 0), the photo is decoded in this thread and
+    its forward pass shared with concurrent uploads (``recommender.batching.QueryBatcher``);
+    off, it is ``engine().query``'s own path.
+
     Args:
         image: encoded bytes or ``ImageBytes``.
         k: neighbours, already checked by :func:`webapp.inputs.parse_k`.
@@ -52,10 +56,21 @@ def query(image, k: int, *, filters: dict | None = None, match_predicted: Sequen
         InvalidImageError: not a usable image (400).
         InvalidFilter: an unknown filter column or value, or a column given both ways (400).
     """
+    served = engine()
+    batcher = current_app.extensions.get("query_batcher")
     try:
-        return engine().query(image, k, filters=filters or None, match_predicted=match_predicted)
+        if batcher is None:
+            answer = served.query(image, k, filters=filters or None, match_predicted=match_predicted)
+        else:
+            options = served.query_options(k, filters=filters or None, match_predicted=match_predicted)
     except FilterError as error:
         raise InvalidFilter(str(error)) from None
+    if batcher is not None:  # decoded here, answered in a forward pass shared with concurrent uploads
+        return batcher.query(served, image, options)
+    metrics = current_app.extensions.get("metrics")
+    if metrics is not None:
+        metrics.forward_pass(1)
+    return answer
 
 
 def similar_to_item(item_id: str, k: int, filters: dict | None = None) -> dict:
