@@ -21,6 +21,7 @@ ENVIRONMENT_VARIABLES = {
     "RECOMMENDER_CORS_ORIGINS": "cors_origins",
     "RECOMMENDER_LOG_FORMAT": "log_format",
     "RECOMMENDER_METRICS": "metrics",
+    "RECOMMENDER_PANELS": "panels",
 }
 
 #: Values of ``log_format``: one JSON object per line, or a plain line for a terminal.
@@ -57,6 +58,11 @@ class WebConfig:
             lines and every other ``webapp`` log line (``$RECOMMENDER_LOG_FORMAT``).
         metrics: serve Prometheus metrics at ``/metrics`` (``$RECOMMENDER_METRICS``; on by
             default). Keep ``/metrics`` off the public address (the proxy blocks it).
+        panels: where precomputed similar-items panels are looked for (``$RECOMMENDER_PANELS``):
+            a folder of panels folders named by bundle id, or one panels folder. None (the
+            default): ``ROOT/panels`` when the bundle is published in an artifact root
+            (``ROOT/bundles/<id>``), else none. Only panels of the served bundle (id and
+            manifest sha256) are used; see ``webapp.panels``.
     """
 
     bundle: Path | None = None
@@ -69,6 +75,7 @@ class WebConfig:
     cors_origins: tuple[str, ...] = ()
     log_format: str = "json"
     metrics: bool = True
+    panels: Path | None = None
 
     @property
     def max_upload_bytes(self) -> int:

@@ -213,6 +213,8 @@ class Metrics:
         latency: ``recommender_http_request_duration_seconds{endpoint, method}`` (histogram).
         reload_failures: ``recommender_bundle_reload_failures_total``: published bundles refused.
         swaps: ``recommender_bundle_swaps_total``: new bundles swapped in without downtime.
+        item_answers: ``recommender_item_similar_answers_total{source}``: item answers read from
+            panels (``panels``) or searched (``live``).
 
     Args:
         live: the app's ``LiveBundle`` (read at scrape time; its reload outcomes are counted).
@@ -242,6 +244,12 @@ class Metrics:
         )
         self.swaps = Counter(
             "recommender_bundle_swaps", "New bundles loaded and swapped in while serving.", registry=self.registry
+        )
+        self.item_answers = Counter(
+            "recommender_item_similar_answers",
+            "Answers of /api/v1/items/<id>/similar by source: precomputed panels or a live search.",
+            ["source"],
+            registry=self.registry,
         )
         self._live = live
         self._bundle = BundleCollector(live, bundle_created_at)
