@@ -9,8 +9,9 @@
    ``search_excluding`` call, one query at a time: what answering every product page live
    costs), timed on a sample of items.
 2. ``GET /api/v1/items/<id>/similar`` through Flask's test client, in process, on a real
-   bundle (``--bundle``; default: the tests' tiny bundle, built here): the same requests
-   answered by live search (no panels) and from panels. p50 / p95 per request.
+   bundle (``--bundle``; default: the tests' tiny bundle, built here) and on copies of it
+   inflated to each catalog size (its rows repeated under new ids, clustered vectors in the
+   index): the same requests answered by live search (no panels) and from panels. p50 / p95.
 
 Writes bench/results/panels.json (or panels-quick.json).
 """
@@ -119,6 +120,38 @@ def build_tiny(workdir: Path) -> Path:
     return build_bundle(catalog, workdir / "tiny", tiny_build_config(workdir / "features.h5")).path
 
 
+def inflated_bundle(bundle: Path, n: int, workdir: Path) -> Path:
+    """A valid copy of ``bundle`` with ``n`` catalog items: its rows repeated under new ids, clustered vectors.
+
+    The item endpoint reads only the catalog rows and the index, so this measures its latency at
+    a catalog size no small test bundle has, without training on ``n`` photos. Other files are
+    hard links; the manifest is rewritten with the new counts and hashes.
+    """
+    from recommender.backbones import file_sha256
+    from recommender.bundle import write_json
+    from recommender.index import VectorIndex
+
+    out = workdir / f"inflated-{n}"
+    out.mkdir()
+    for path in bundle.iterdir():
+        if path.name not in ("manifest.json", "catalog.jsonl", "index.faiss"):
+            os.link(path, out / path.name)
+    rows = [json.loads(line) for line in (bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()]
+    with open(out / "catalog.jsonl", "w", encoding="utf-8") as handle:
+        for i in range(n):
+            row = {**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-{i}", "sha256": f"{i:064x}"}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    VectorIndex.build(clustered(n, seed=5), "auto", use_gpu=False).save(out / "index.faiss")
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    manifest["bundle_id"] = f"inflated-{n}"
+    manifest["counts"].update(items=n, catalog_rows=n)
+    manifest["index"] = {**manifest["index"], "size": n, "kind": "flat" if n < 100_000 else "hnsw"}
+    for name in ("catalog.jsonl", "index.faiss"):
+        manifest["files"][name] = {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
+    write_json(out / "manifest.json", manifest)
+    return out
+
+
 def percentiles_ms(times: list[float]) -> tuple[float, float]:
     return float(np.percentile(times, 50) * 1000), float(np.percentile(times, 95) * 1000)
 
@@ -127,7 +160,7 @@ def measure_endpoint(bundle: Path, requests: int, workdir: Path) -> dict:
     from indexer.panels import write_panels
     from webapp import create_app
 
-    panels = workdir / "endpoint-panels"
+    panels = workdir / f"endpoint-panels-{bundle.name}"
     write_panels(bundle, panels, K)
     results = {}
     for source, setting in (("live", workdir / "no-panels-here"), ("panels", panels)):
@@ -140,13 +173,16 @@ def measure_endpoint(bundle: Path, requests: int, workdir: Path) -> dict:
         times = []
         for i in range(requests):
             started = time.perf_counter()
-            response = client.get(f"/api/v1/items/{ids[i % len(ids)]}/similar?k={K}")
+            response = client.get(f"/api/v1/items/{ids[(i * 7919) % len(ids)]}/similar?k={K}")  # spread out
             times.append(time.perf_counter() - started)
             assert response.headers["X-Similar-Source"] == source, response.headers
         p50, p95 = percentiles_ms(times)
         results[source] = {"p50_ms": round(p50, 3), "p95_ms": round(p95, 3), "requests": requests}
         app.extensions["live_bundle"].stop()
-        print(f"item endpoint, {source:>6}: p50 {p50:.3f} ms, p95 {p95:.3f} ms ({requests} requests)", flush=True)
+        print(
+            f"item endpoint, {len(ids):>7} items, {source:>6}: p50 {p50:.3f} ms, p95 {p95:.3f} ms ({requests} requests)",
+            flush=True,
+        )
     return {"bundle_items": len(ids), **results}
 
 
@@ -165,7 +201,9 @@ def main() -> int:
         workdir = Path(temporary)
         job = measure_job(sizes, 200 if args.quick else args.sample, workdir)
         bundle = args.bundle or build_tiny(workdir)
-        endpoint = measure_endpoint(bundle, requests, workdir)
+        endpoint = [measure_endpoint(bundle, requests, workdir)]
+        for n in sizes:
+            endpoint.append(measure_endpoint(inflated_bundle(bundle, n, workdir), requests, workdir))
     path = save_results("panels-quick" if args.quick else "panels", {"k": K, "job": job, "endpoint": endpoint})
     print(f"results: {path}")
     return 0
