@@ -336,3 +336,20 @@ def test_a_failed_panels_write_is_reported_not_raised(engine, tmp_path):
     outcome = write_published_panels(root, {"state": "published", "bundle_id": engine.bundle_id}, K)
     assert outcome["state"] == "failed" and "BundleError" in outcome["reason"]
     assert not (root / "panels" / engine.bundle_id).exists()
+
+
+def test_the_app_finds_rebuild_panels_beside_the_artifact_roots_bundles(tiny_bundle, engine, tmp_path):
+    """No setting: a bundle served from ROOT/bundles/<id> (through ROOT/current) answers from ROOT/panels/<id>."""
+    from webapp import create_app
+
+    root = tmp_path / "root"
+    linked_copy(tiny_bundle, root / "bundles" / engine.bundle_id)
+    (root / "current").symlink_to(Path("bundles") / engine.bundle_id)
+    assert write_published_panels(root, {"state": "published", "bundle_id": engine.bundle_id}, K)["state"] == "written"
+    app = create_app({"bundle": root / "current", "reload_interval_s": 3600})
+    try:
+        response = app.test_client().get(f"/api/v1/items/{engine.rows[7].id}/similar")
+        assert response.headers["X-Similar-Source"] == "panels"
+        assert_same_neighbors(response.get_json()["neighbors"], engine.similar_to_item(engine.rows[7].id)["neighbors"])
+    finally:
+        app.extensions["live_bundle"].stop()
