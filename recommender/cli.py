@@ -65,6 +65,13 @@ COMMANDS: tuple[Command, ...] = (
         "atomically, prune.",
         "indexer.commands.rebuild",
     ),
+    Command(
+        "panels",
+        "precompute every catalog item's similar-items panel",
+        "For every catalog item of a bundle, its k nearest other items (optionally within its own value of a "
+        "label column), written to a verified folder the web app answers /api/v1/items/<id>/similar from.",
+        "indexer.commands.panels",
+    ),
     Command("rollback", "point current back at an earlier bundle", None, "indexer.commands.rollback"),
     Command(
         "status", "show the artifact root: current bundle, bundles, lock, last runs", None, "indexer.commands.status"

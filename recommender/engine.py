@@ -100,9 +100,7 @@ class Recommender:
         self.price_column = manifest.catalog.price_column
         self.url_column = manifest.catalog.url_column
         self._by_id = {row.id: position for position, row in enumerate(rows)}
-        self._by_hash: dict[str, list[int]] = {}
-        for position, row in enumerate(rows):
-            self._by_hash.setdefault(row.sha256, []).append(position)
+        self._by_hash = same_photo_positions(rows)
 
     # -- embedding ---------------------------------------------------------------------
     def embed_outputs(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -307,17 +305,37 @@ class Recommender:
         check_k(k)
         filters, _ = self._check_filters(filters, ())
         position = self._position(item_id)
-        row = self.rows[position]
-        excluded = self._by_hash.get(row.sha256, [position])
+        excluded = self._by_hash.get(self.rows[position].sha256, [position])
         vector = self.index.reconstruct(position)
+        if filters:
+            answer = self.item_answer(item_id, [], [])
+            answer["neighbors"], answer["filter"] = self._filtered(vector, filters, excluded, k)
+            return answer
+        result = self.index.search_excluding(vector[None, :], [excluded], k)
+        return self.item_answer(item_id, result.positions[0], result.distances[0])
+
+    def item_answer(self, item_id: str, positions: Sequence[int], distances: Sequence[float]) -> dict:
+        """The answer of :meth:`similar_to_item` (unfiltered) for neighbours found beforehand.
+
+        The one place that shapes an item's answer, so neighbours read from precomputed panels
+        (``recommender.panels``) come back exactly as a live search's do.
+
+        Args:
+            item_id: a catalog id.
+            positions: neighbour positions (FAISS order), nearest first; negative ones are skipped.
+            distances: their Euclidean distances.
+
+        Returns:
+            ``{"id", "labels", "tags"?, "neighbors"}``.
+
+        Raises:
+            UnknownItemError: no catalog item has this id.
+        """
+        row = self.rows[self._position(item_id)]
         answer = {"id": item_id, "labels": dict(row.labels)}
         if row.tags is not None:
             answer["tags"] = list(row.tags)
-        if filters:
-            answer["neighbors"], answer["filter"] = self._filtered(vector, filters, excluded, k)
-        else:
-            result = self.index.search_excluding(vector[None, :], [excluded], k)
-            answer["neighbors"] = self._neighbors(result.positions[0], result.distances[0])
+        answer["neighbors"] = self._neighbors(positions, distances)
         return answer
 
     def item(self, item_id: str) -> CatalogRecord:
@@ -341,6 +359,14 @@ class Recommender:
         if self.url_column:
             fields["url"] = row.extra.get(self.url_column) or None
         return fields
+
+    def position_of(self, item_id: str) -> int:
+        """The catalog (FAISS) position of an id.
+
+        Raises:
+            UnknownItemError: no catalog item has this id (also a ``KeyError``).
+        """
+        return self._position(item_id)
 
     def _position(self, item_id: str) -> int:
         try:
@@ -414,6 +440,18 @@ class Recommender:
             neighbor.update(self.display_fields(row))  # title, and price / url with those columns
             found.append(neighbor)
         return found
+
+
+def same_photo_positions(rows: Sequence[CatalogRecord]) -> dict[str, list[int]]:
+    """Image sha256 -> the catalog positions with that photo: what an item's neighbours leave out.
+
+    An item is never its own neighbour, nor is another item with the same photo (a duplicate
+    listing). ``similar_to_item`` and the precomputed panels both exclude through this map.
+    """
+    by_hash: dict[str, list[int]] = {}
+    for position, row in enumerate(rows):
+        by_hash.setdefault(row.sha256, []).append(position)
+    return by_hash
 
 
 def check_k(k, name: str = "k") -> None:

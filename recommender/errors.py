@@ -63,6 +63,14 @@ class BundleError(RecommenderError):
     """A bundle is missing, incomplete, tampered with, or of an unsupported format version."""
 
 
+class PanelsError(RecommenderError):
+    """A panels folder is missing, incomplete, tampered with, or of an unsupported format version."""
+
+
+class PanelsMismatchError(PanelsError):
+    """Panels were computed for another bundle (another id or manifest) than the one at hand."""
+
+
 class QueryError(RecommenderError):
     """A query is malformed (e.g. k out of range)."""
 

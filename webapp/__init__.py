@@ -56,6 +56,7 @@ def create_app(config: Mapping | None = None) -> Flask:
     from webapp.errors import register_error_handlers
     from webapp.health import health
     from webapp.pages import pages
+    from webapp.panels import ServedPanels
 
     settings = resolve_config(config)
     if settings.bundle is None:
@@ -75,7 +76,9 @@ def create_app(config: Mapping | None = None) -> Flask:
     app.config.update({key: value for key, value in (config or {}).items() if key.isupper()})
     app.json.sort_keys = False  # keep the engine's order: nearest neighbour first, primary head first
 
-    live = LiveBundle(settings.bundle, settings.reload_interval_s, load_bundle)
+    panels = ServedPanels(settings.panels)
+    app.extensions["panels"] = panels
+    live = LiveBundle(settings.bundle, settings.reload_interval_s, panels.wrap(load_bundle))
     live.load_now()
     app.extensions["live_bundle"] = live
     batching = BatchSettings(max_wait_ms=settings.batch_wait_ms, max_batch=settings.max_batch)

@@ -7,6 +7,9 @@ from flask import Blueprint, current_app, jsonify, request
 from webapp import service
 from webapp.inputs import InvalidFilter, parse_k, request_filters, uploaded_image
 
+#: Response header of an item's answer: ``panels`` (precomputed) or ``live`` (searched now).
+SIMILAR_SOURCE_HEADER = "X-Similar-Source"
+
 api = Blueprint("api", __name__, url_prefix="/api/v1")
 
 
@@ -65,7 +68,9 @@ def similar_to_item(item_id: str):
             ``match_predicted`` here: the item's own labels are known, so filter on them.)
 
     Returns:
-        ``{"id", "labels", "tags"?, "neighbors": [...], "filter"?: {...}, "bundle": bundle id}``.
+        ``{"id", "labels", "tags"?, "neighbors": [...], "filter"?: {...}, "bundle": bundle id}``;
+        the ``X-Similar-Source`` header says ``panels`` when the answer was read from the
+        bundle's precomputed panels (unfiltered, k up to theirs), ``live`` when searched.
 
     Errors:
         400 ``invalid_filter`` (as for uploads, and for ``match_predicted``); 404 ``unknown_item``.
@@ -77,10 +82,15 @@ def similar_to_item(item_id: str):
             "match_predicted applies to an uploaded photo only; for a catalog item, filter on its own "
             "labels, e.g. filter=colour:red"
         )
-    answer = service.similar_to_item(item_id, k, filters)
-    return jsonify(
+    answer, source = service.similar_to_item(item_id, k, filters)
+    metrics = current_app.extensions.get("metrics")
+    if metrics is not None:
+        metrics.item_answers.labels(source).inc()
+    response = jsonify(
         {**answer, "neighbors": service.with_image_urls(answer["neighbors"]), "bundle": service.engine().bundle_id}
     )
+    response.headers[SIMILAR_SOURCE_HEADER] = source
+    return response
 
 
 @api.get("/openapi.json")

@@ -23,6 +23,7 @@ ENVIRONMENT_VARIABLES = {
     "RECOMMENDER_METRICS": "metrics",
     "RECOMMENDER_BATCH_WAIT_MS": "batch_wait_ms",
     "RECOMMENDER_MAX_BATCH": "max_batch",
+    "RECOMMENDER_PANELS": "panels",
 }
 
 #: Values of ``log_format``: one JSON object per line, or a plain line for a terminal.
@@ -69,6 +70,11 @@ class WebConfig:
             (``$RECOMMENDER_BATCH_WAIT_MS``).
         max_batch: the most uploads in one forward pass; 0 or 1 also turns batching off
             (``$RECOMMENDER_MAX_BATCH``).
+        panels: where precomputed similar-items panels are looked for (``$RECOMMENDER_PANELS``):
+            a folder of panels folders named by bundle id, or one panels folder. None (the
+            default): ``ROOT/panels`` when the bundle is published in an artifact root
+            (``ROOT/bundles/<id>``), else none. Only panels of the served bundle (id and
+            manifest sha256) are used; see ``webapp.panels``.
     """
 
     bundle: Path | None = None
@@ -83,6 +89,7 @@ class WebConfig:
     metrics: bool = True
     batch_wait_ms: float = 0.0
     max_batch: int = 16
+    panels: Path | None = None
 
     @property
     def max_upload_bytes(self) -> int:

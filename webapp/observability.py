@@ -219,6 +219,8 @@ class Metrics:
         forward_passes: ``recommender_upload_forward_passes_total``: forward passes run for
             uploads (with batching on, fewer than the uploads answered).
         batch_size: ``recommender_upload_batch_size`` (histogram): uploads per forward pass.
+        item_answers: ``recommender_item_similar_answers_total{source}``: item answers read from
+            panels (``panels``) or searched (``live``).
 
     Args:
         live: the app's ``LiveBundle`` (read at scrape time; its reload outcomes are counted).
@@ -258,6 +260,12 @@ class Metrics:
             "recommender_upload_batch_size",
             "Uploads answered per forward pass (1 without batching).",
             buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.item_answers = Counter(
+            "recommender_item_similar_answers",
+            "Answers of /api/v1/items/<id>/similar by source: precomputed panels or a live search.",
+            ["source"],
             registry=self.registry,
         )
         self._live = live

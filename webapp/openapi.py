@@ -317,7 +317,18 @@ def openapi_document(engine, settings) -> dict:
                         filter_parameter,
                     ],
                     "responses": {
-                        "200": _ok("The item's labels, then its neighbours, nearest first.", _ref("ItemAnswer")),
+                        "200": {
+                            **_ok("The item's labels, then its neighbours, nearest first.", _ref("ItemAnswer")),
+                            "headers": {
+                                "X-Request-ID": {"$ref": "#/components/headers/X-Request-ID"},
+                                "X-Similar-Source": {
+                                    "description": "`panels`: read from the bundle's precomputed panels; "
+                                    "`live`: searched for this request. The answer is the same.",
+                                    "required": True,
+                                    "schema": {"type": "string", "enum": ["panels", "live"]},
+                                },
+                            },
+                        },
                         "400": _error("`invalid_k`, `invalid_filter` (also for `match_predicted`, uploads only)."),
                         "404": _error("`unknown_item`: no catalog item with this id."),
                         "503": upload_errors["503"],

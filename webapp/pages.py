@@ -125,7 +125,7 @@ def item_page(item_id: str):
     """
     row = service.catalog_row(item_id)
     active = parse_filter_args(request.args.getlist("filter"))
-    similar = service.similar_to_item(item_id, current_app.config["WEB"].default_k, active)
+    similar, _ = service.similar_to_item(item_id, current_app.config["WEB"].default_k, active)
     served = service.engine()
     shown = {served.title_column, served.price_column, served.url_column}  # on the page already
 

@@ -73,15 +73,27 @@ def query(image, k: int, *, filters: dict | None = None, match_predicted: Sequen
     return answer
 
 
-def similar_to_item(item_id: str, k: int, filters: dict | None = None) -> dict:
+def similar_to_item(item_id: str, k: int, filters: dict | None = None) -> tuple[dict, str]:
     """Neighbours of a catalog item from its stored embedding, optionally filtered.
+
+    Unfiltered, with ``k`` at most the panels' k, the answer is read from the served bundle's
+    precomputed panels (``webapp.panels``): the same answer, without a search.
+
+    Returns:
+        ``(the engine's answer, "panels" or "live")``.
 
     Raises:
         UnknownItem: no such id (404).
         InvalidFilter: an unknown filter column or value (400).
     """
+    served = engine()
     try:
-        return engine().similar_to_item(item_id, k, filters=filters or None)
+        panels = current_app.extensions.get("panels")
+        if panels is not None and not filters:
+            answer = panels.answer(served, item_id, k)
+            if answer is not None:
+                return answer, "panels"
+        return served.similar_to_item(item_id, k, filters=filters or None), "live"
     except UnknownItemError:
         raise UnknownItem(item_id) from None
     except FilterError as error:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from indexer.commands.flags import add_build_settings, add_catalog_columns, build_config_from_args, build_label_help
 from indexer.rebuild import RETRAIN_POLICIES, RebuildConfig
+from recommender.engine import DEFAULT_K
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_accuracy_drop,
         help="gate: largest allowed fall in validation accuracy (default: %(default)s)",
     )
+    panels = parser.add_argument_group("panels (after a publish)")
+    panels.add_argument(
+        "--panels",
+        action="store_true",
+        help="write the published bundle's similar-items panels to ROOT/panels/<bundle id>/ "
+        "(a failure is reported, the bundle stays published)",
+    )
+    panels.add_argument(
+        "--panels-k", type=int, default=DEFAULT_K, metavar="K", help="neighbours per panel (default: %(default)s)"
+    )
+    panels.add_argument("--panels-per", metavar="COLUMN", default=None, help="panels within each item's own value")
     add_catalog_columns(parser, label_help=build_label_help())
     add_build_settings(parser)
 
@@ -73,7 +85,31 @@ def run(args: argparse.Namespace) -> int:
     except GateError as error:
         print(f"error: validation gate refused the new bundle: {error}; current bundle unchanged", file=sys.stderr)
         return 1
+    if args.panels:
+        add_panels(args.root, summary, args.panels_k, args.panels_per)
     for line in summary_lines(summary):
         print(line, file=sys.stderr)
+    if "panels" in summary:
+        panels = summary["panels"]
+        print(
+            f"  panels: {panels['state']} {panels.get('path', '')} {panels.get('reason', '')}".rstrip(), file=sys.stderr
+        )
     print(to_json(summary))
     return 0
+
+
+def add_panels(root: Path, summary: dict, k: int, per_column: str | None) -> None:
+    """Writes the published bundle's panels after the run and records the outcome in its summary.
+
+    Runs after ``rebuild`` returned (the job lock released, ``current`` already swapped): the
+    bundle is published whatever happens here. The outcome goes into ``summary["panels"]`` and
+    into the run's log file (``ROOT/runs/<run id>.json``).
+    """
+    from indexer.artifacts import ArtifactRoot
+    from indexer.panels import write_published_panels
+    from recommender.files import atomic_write_json
+
+    summary["panels"] = write_published_panels(root, summary, k, per_column)
+    run_log = ArtifactRoot(root).runs / f"{summary['run_id']}.json"
+    if run_log.is_file():
+        atomic_write_json(run_log, summary, default=str)
