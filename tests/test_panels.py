@@ -353,3 +353,33 @@ def test_the_app_finds_rebuild_panels_beside_the_artifact_roots_bundles(tiny_bun
         assert_same_neighbors(response.get_json()["neighbors"], engine.similar_to_item(engine.rows[7].id)["neighbors"])
     finally:
         app.extensions["live_bundle"].stop()
+
+
+def test_panels_follow_a_bundle_swap(tiny_bundle, engine, tmp_path):
+    """After a swap the new bundle answers from its own panels; without panels of its own, live."""
+    from webapp import create_app
+
+    first = linked_copy(tiny_bundle, tmp_path / "bundles" / "first", bundle_id="first")
+    second = linked_copy(tiny_bundle, tmp_path / "bundles" / "second", bundle_id="second")
+    third = linked_copy(tiny_bundle, tmp_path / "bundles" / "third", bundle_id="third")
+    panels = tmp_path / "panels"
+    write_panels(first, panels / "first", K)
+    write_panels(second, panels / "second", K)
+    pointer = tmp_path / "current"
+    pointer.symlink_to(first)
+    app = create_app({"bundle": pointer, "reload_interval_s": 3600, "panels": panels})
+    live = app.extensions["live_bundle"]
+    item = engine.rows[2].id
+    try:
+        for bundle, source in ((first, "panels"), (second, "panels"), (third, "live")):
+            if bundle is not first:
+                replacement = tmp_path / "current.new"
+                replacement.symlink_to(bundle)
+                os.replace(replacement, pointer)
+                assert live.check()
+                live.wait_for_reload(60)
+            response = app.test_client().get(f"/api/v1/items/{item}/similar")
+            assert response.get_json()["bundle"] == bundle.name
+            assert response.headers["X-Similar-Source"] == source
+    finally:
+        live.stop()
