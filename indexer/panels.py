@@ -115,7 +115,7 @@ def _open_bundle(source) -> _Bundle:
     space = read_label_space(path)
     # The CPU index: the job's batch searches are what FAISS's CPU BLAS path is good at, and
     # a GPU is left to the serving processes.
-    index = VectorIndex.load(path / "index.faiss", use_gpu=False)
+    index = VectorIndex.load(path / "index.faiss", use_gpu=False, parameters=manifest.index.parameters)
     attributes = AttributeIndex(rows, space.columns, space.tags_column)
     return _Bundle(path, manifest.bundle_id, rows, index, attributes, list(space.columns))
 

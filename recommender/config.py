@@ -70,7 +70,11 @@ class BuildConfig:
             embeddings).
         flip_average: embed catalog items and queries as the mean of the image's and its
             mirror's features (needs ``flips``).
-        index_kind: ``auto``, ``flat`` or ``hnsw``.
+        index_kind: ``auto``, ``flat``, ``hnsw``, ``ivf-sq8`` or ``ivf-pq``
+            (``recommender.index``).
+        index_memory_bytes: the resident memory the index may take; ``auto`` picks the first
+            of HNSW, IVF-SQ8, IVF-PQ that fits (``recommender.index.choose_kind``); None: no
+            limit (HNSW from 100,000 items).
         max_bad_fraction: refuse the catalog when more than this share of rows is bad.
         min_class_examples: leave out, as bad rows, the rows whose primary class has fewer
             than this many rows; 0 (default) keeps every class: a class too small to hold a
@@ -103,6 +107,7 @@ class BuildConfig:
     flips: bool = True
     flip_average: bool = True
     index_kind: str = "auto"
+    index_memory_bytes: int | None = None
     max_bad_fraction: float = 0.05
     min_class_examples: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -306,6 +306,7 @@ class Recommender:
         filters, _ = self._check_filters(filters, ())
         position = self._position(item_id)
         excluded = self._by_hash.get(self.rows[position].sha256, [position])
+        # The stored embedding itself (compressed kinds: the float16 copy, never a decoded code).
         vector = self.index.reconstruct(position)
         if filters:
             answer = self.item_answer(item_id, [], [])
@@ -395,9 +396,10 @@ class Recommender:
     def _filtered(self, vector: np.ndarray, filters: dict, excluded: list[int], k: int) -> tuple[list[dict], dict]:
         """Nearest neighbours among the catalog items matching ``filters``, and the filter report.
 
-        Exact (what brute force over the matching items returns) on a flat index, and on an
-        HNSW index when at most ``index.exact_scan_up_to`` items match; above that the HNSW
-        graph is walked with the filter, approximate like an unfiltered HNSW search.
+        Exact (what brute force over the matching items returns) on a flat index, and on the
+        other kinds when at most ``index.exact_scan_up_to`` items match; above that the HNSW
+        graph or the IVF lists are searched with the filter, approximate like an unfiltered
+        search of that index.
         """
         allowed = self.attributes.mask(filters)
         matching = int(allowed.sum())
@@ -409,7 +411,7 @@ class Recommender:
         neighbors = self._neighbors(result.positions[0], result.distances[0])
         report = {"applied": filters, "matching_items": matching, "complete": len(neighbors) == k}
         found = len(neighbors)
-        if found < k and candidates > found:  # only an approximate (HNSW) walk can miss matching items
+        if found < k and candidates > found:  # only an approximate (HNSW, IVF) search can miss matching items
             report["note"] = f"the approximate index found {found} of the {candidates} matching items (asked for {k})"
         elif found < k:
             # "other": the query's own item matches too but is never its own neighbour
@@ -489,7 +491,9 @@ def load_bundle(path: str | os.PathLike, *, use_gpu: bool = True) -> Recommender
     manifest = verify_bundle(path)
     backbone = load_bundle_backbone(path, manifest)  # the bundle's own copy of a file backbone
     classifier, embedding_scaler = read_classifier(path, manifest)
-    index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu)
+    index = VectorIndex.load(path / "index.faiss", use_gpu=use_gpu, parameters=manifest.index.parameters)
+    if index.kind != manifest.index_kind:
+        raise BundleError(f"{path}: index.faiss is a {index.kind} index, the manifest says {manifest.index_kind}")
     rows = read_catalog_rows(path, manifest.counts.items)
     if index.size != len(rows):
         raise BundleError(f"{path}: index has {index.size} vectors for {len(rows)} catalog rows")

@@ -59,6 +59,10 @@ class TrainingError(RecommenderError):
     """The classifier cannot be trained on this data (e.g. too few examples per class)."""
 
 
+class IndexBuildError(RecommenderError):
+    """The chosen FAISS index kind cannot be built for these vectors (e.g. ``ivf-pq`` on a tiny catalog)."""
+
+
 class BundleError(RecommenderError):
     """A bundle is missing, incomplete, tampered with, or of an unsupported format version."""
 

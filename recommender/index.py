@@ -1,32 +1,57 @@
 """The FAISS vector index over standardized embeddings: build, search, save, load.
 
 Vectors are (n, 512) float32 standardized embeddings; FAISS id ``i`` is catalog row ``i`` of
-the bundle (``catalog.jsonl`` line ``i``). Exact search (``IndexFlatL2``) is the default; an
-HNSW graph is chosen automatically from :data:`APPROXIMATE_FROM` vectors (or by asking for
-``kind="hnsw"``). When FAISS sees a GPU the flat index is moved there; HNSW has no GPU
-version and stays on the CPU. Distances returned are Euclidean (the square root of what
-FAISS reports).
+the bundle (``catalog.jsonl`` line ``i``). Distances returned are Euclidean (the square root
+of what FAISS reports). Four kinds (:data:`BUILT_KINDS`), with their resident bytes per
+512-d vector (:func:`resident_bytes`):
+
+- ``flat``: exact search (``IndexFlatL2``), 2,048 B; moved to a GPU when FAISS sees one;
+- ``hnsw``: an HNSW graph over the float32 vectors (M 32), ~2,320 B;
+- ``ivf-sq8``: ``IVF{nlist},SQ8``, 8-bit scalar codes in inverted lists, 512 B + an 8 B id;
+- ``ivf-pq``: ``OPQ64,IVF{nlist},PQ64``, a learned rotation then 64 one-byte product codes,
+  64 B + an 8 B id, plus the coarse centroids and PQ distance tables.
+
+Both IVF kinds are approximate twice over (only ``nprobe`` of ``nlist`` lists are scanned,
+and their codes are lossy), so they search ``rerank_factor * k`` candidates on the codes and
+re-rank those by exact L2 against the (n, d) float16 embeddings kept beside the index
+(``embeddings.f16.npy``, 1,024 B per vector on disk, memory-mapped when loaded): returned
+distances are exact distances to the float16 vectors, and item vectors
+(:meth:`VectorIndex.reconstruct`) are those stored ones, not code reconstructions.
+``kind="auto"`` (:func:`choose_kind`) takes flat below :data:`APPROXIMATE_FROM` vectors,
+else the first of HNSW, IVF-SQ8, IVF-PQ whose estimated resident size fits a memory budget.
+
+IVF indexes are trained once on a seeded sample and filled in chunks; :func:`add_shard` adds
+one range of vectors to a copy of the trained index and :func:`merge_shards` joins the
+shards into the index a single add makes (:func:`build_sharded`): the pieces a distributed
+build (e.g. one Ray task per shard) needs.
 
 Filtered search (``search(..., allowed=mask)``) returns only allowed items. It is exact on a
-flat index and, on an HNSW index, whenever at most :data:`EXACT_SCAN_UP_TO` items are allowed;
-above that it walks the graph with an ID selector and is approximate like unfiltered HNSW
-search. It always runs on the CPU copy of the index (see :meth:`VectorIndex.search`).
+flat index, and on the other kinds whenever at most :data:`EXACT_SCAN_UP_TO` items are
+allowed (a scan of exactly those vectors); above that it searches the graph or the lists
+with an ID selector and is approximate like an unfiltered search. It always runs on the CPU
+copy of the index (see :meth:`VectorIndex.search`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from recommender.errors import BundleError, QueryError
+from recommender.errors import BundleError, IndexBuildError, QueryError
 from recommender.files import NO_SPACE_ERRNOS, storage_error
+from recommender.manifest import IndexParameters
 
-#: Catalog size from which ``kind="auto"`` builds an approximate (HNSW) index. Below it exact
-#: search of 512-d vectors costs a few ms per query on one core (see README "Performance").
+log = logging.getLogger(__name__)
+
+#: Catalog size from which ``kind="auto"`` builds an approximate index. Below it exact search
+#: of 512-d vectors costs a few ms per query on one core (see README "Performance").
 APPROXIMATE_FROM = 100_000
 
 #: HNSW parameters: 32 links per node; efSearch 128 keeps recall@6 high at 100k vectors.
@@ -34,7 +59,42 @@ HNSW_LINKS = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 
-INDEX_KINDS = ("auto", "flat", "hnsw")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-sq8", "ivf-pq")
+#: The kinds an index can be (``auto`` resolves to one of them).
+BUILT_KINDS = INDEX_KINDS[1:]
+#: Kinds with inverted lists of lossy codes, re-ranked against the float16 embeddings.
+IVF_KINDS = ("ivf-sq8", "ivf-pq")
+#: The float16 (n, d) standardized embeddings an IVF index re-ranks against, beside the index.
+EMBEDDINGS_FILE = "embeddings.f16.npy"
+
+#: Quantizers are trained on at most this many vectors, drawn with :data:`TRAINING_SEED`;
+#: FAISS wants ~39 per inverted list, so the sample grows to that up to
+#: :data:`MAX_TRAINING_POINTS` (k-means cost grows with sample x lists).
+TRAINING_POINTS = 100_000
+MAX_TRAINING_POINTS = 256_000
+TRAINING_SEED = 0
+#: FAISS's own minimum of training points per k-means centroid before it warns.
+POINTS_PER_LIST = 39
+#: k-means iterations of the coarse quantizer (FAISS's default 25 costs 2.5x the time for a
+#: hardly better partition; the re-ranking absorbs the difference).
+COARSE_ITERATIONS = 10
+#: Vectors added per FAISS call (bounds the temporary copies of a large add).
+ADD_CHUNK = 65_536
+#: PQ sub-quantizers (one byte each) of ``ivf-pq``, and its OPQ rotation's training budget:
+#: OPQ alternates PQ training (k-means per sub-space) and a rotation fit; FAISS's defaults (50
+#: rounds on up to 65,536 points) took minutes even at 10,000 points on this 2-core machine, so
+#: 4 rounds of 2 k-means iterations on 16,384 points: the rotation mostly balances variance
+#: across sub-spaces, and the exact re-ranking absorbs what a longer fit would add.
+PQ_SUBQUANTIZERS = 64
+OPQ_TRAINING_POINTS = 16_384
+OPQ_ITERATIONS = 4
+OPQ_KMEANS_ITERATIONS = 2
+#: Candidates per wanted neighbour that an IVF kind re-ranks exactly (``k' = factor * k``).
+RERANK_FACTOR = {"ivf-sq8": 4, "ivf-pq": 16}
+#: Share of the inverted lists scanned per query (``nprobe = nlist * share``, at least
+#: :data:`MIN_NPROBE`); see README "Index kinds" for the recall and latency it buys.
+NPROBE_SHARE = 1 / 48
+MIN_NPROBE = 16
 
 #: Filtered HNSW search scans the allowed vectors exactly when at most this many are allowed,
 #: and walks the graph with an ID selector above. Measured with ``bench/filtered.py`` (100,000
@@ -61,28 +121,333 @@ class SearchResult:
     distances: np.ndarray
 
 
+# -- sizes and the automatic choice -------------------------------------------------------
+
+
+def ivf_lists(count: int) -> int:
+    """Inverted lists for ``count`` vectors: ~4 sqrt(n), at most one per 39 training points."""
+    training = training_points(count)
+    return max(1, min(round(4 * math.sqrt(count)), training // POINTS_PER_LIST))
+
+
+def training_points(count: int) -> int:
+    """Size of the seeded training sample for ``count`` vectors (:data:`TRAINING_POINTS`)."""
+    wanted = max(TRAINING_POINTS, POINTS_PER_LIST * round(4 * math.sqrt(count)))
+    return min(count, wanted, MAX_TRAINING_POINTS)
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists scanned per query: :data:`NPROBE_SHARE` of them, at least :data:`MIN_NPROBE`."""
+    return max(1, min(nlist, max(MIN_NPROBE, round(nlist * NPROBE_SHARE))))
+
+
+def pq_shape(dimension: int, training: int) -> tuple[int, int]:
+    """``(sub-quantizers, bits)`` of ``ivf-pq``: 64 one-byte codes where the data allows.
+
+    The sub-quantizer count must divide the dimension. A code of ``b`` bits is a k-means of
+    ``2**b`` centroids, which wants :data:`POINTS_PER_LIST` training points each, so smaller
+    catalogs get fewer bits (8 from 9,984 training points; 5 at 2,000).
+    """
+    subquantizers = max(m for m in range(1, min(PQ_SUBQUANTIZERS, dimension) + 1) if dimension % m == 0)
+    bits = max(1, min(8, int(math.log2(max(training / POINTS_PER_LIST, 2)))))
+    return subquantizers, bits
+
+
+def resident_bytes(kind: str, count: int, dimension: int = 512) -> int:
+    """Estimated resident bytes of a loaded index of ``count`` vectors (the auto rule's figure).
+
+    Per vector: flat 4d (2,048 B at 512-d); HNSW 4d + 8M (level-0 links) + ~16 (upper links,
+    level, offset): 2,320 B, as measured on serialized HNSW32 indexes; IVF-SQ8 d + 8 (codes and
+    the int64 id); IVF-PQ m + 8. Fixed: the coarse centroids (4 nlist d), SQ8's ranges, and for
+    PQ the OPQ rotation (4 d^2), the codebooks and FAISS's precomputed distance tables
+    (4 nlist m 2^bits, built when loaded). The float16 re-rank array is not counted: it is
+    memory-mapped (see :func:`rerank_bytes_per_vector`). Inverted lists read with
+    ``IO_FLAG_MMAP`` are file-backed too, but every query scans some of them, so they are
+    counted: a server needs them in RAM to be fast.
+    """
+    if kind == "flat":
+        return 4 * dimension * count
+    if kind == "hnsw":
+        return (4 * dimension + 8 * HNSW_LINKS + 16) * count
+    nlist = ivf_lists(count)
+    coarse = 4 * nlist * dimension
+    if kind == "ivf-sq8":
+        return (dimension + 8) * count + coarse + 8 * dimension
+    if kind == "ivf-pq":
+        subquantizers, bits = pq_shape(dimension, training_points(count))
+        codebooks = 4 * dimension * 2**bits
+        tables = 4 * nlist * subquantizers * 2**bits
+        return (subquantizers * bits // 8 + 8) * count + coarse + 4 * dimension**2 + codebooks + tables
+    raise ValueError(f"index kind must be one of {BUILT_KINDS}, got {kind!r}")
+
+
+def rerank_bytes_per_vector(kind: str, dimension: int = 512) -> int:
+    """Bytes per vector of the memory-mapped float16 embeddings a kind keeps (0: none)."""
+    return 2 * dimension if kind in IVF_KINDS else 0
+
+
+def choose_kind(count: int, memory_bytes: int | None = None, dimension: int = 512) -> str:
+    """The index kind ``auto`` builds for ``count`` vectors within a memory budget.
+
+    Flat below :data:`APPROXIMATE_FROM` vectors; above, the first of ``hnsw``, ``ivf-sq8``,
+    ``ivf-pq`` whose :func:`resident_bytes` fits ``memory_bytes`` (HNSW when no budget is
+    given). When nothing fits, ``ivf-pq``, the smallest, with a warning.
+
+    Args:
+        count: vectors to index.
+        memory_bytes: resident bytes the index may take, or None for no limit.
+        dimension: their dimension.
+    """
+    if count < APPROXIMATE_FROM and (memory_bytes is None or resident_bytes("flat", count, dimension) <= memory_bytes):
+        return "flat"
+    if memory_bytes is None:
+        return "hnsw"
+    for kind in ("hnsw", "ivf-sq8", "ivf-pq"):
+        if resident_bytes(kind, count, dimension) <= memory_bytes:
+            return kind
+    log.warning(
+        "no index kind fits %d bytes for %d vectors; ivf-pq needs about %d",
+        memory_bytes,
+        count,
+        resident_bytes("ivf-pq", count, dimension),
+    )
+    return "ivf-pq"
+
+
+# -- training, shards, merging ------------------------------------------------------------
+
+
+def ivf_parameters(kind: str, count: int, dimension: int) -> IndexParameters:
+    """The build settings of an IVF kind for ``count`` vectors (what the manifest records)."""
+    nlist, training = ivf_lists(count), training_points(count)
+    if kind == "ivf-sq8":
+        factory, subquantizers, bits = f"IVF{nlist},SQ8", None, None
+    else:
+        subquantizers, bits = pq_shape(dimension, training)
+        # OPQ fits a d x d rotation and needs at least d training points (faiss 1.15 aborts
+        # or segfaults below): smaller catalogs get plain PQ codes.
+        rotation = f"OPQ{subquantizers}," if training >= dimension else ""
+        factory = f"{rotation}IVF{nlist},PQ{subquantizers}x{bits}"
+    return IndexParameters(
+        factory=factory,
+        nlist=nlist,
+        nprobe=default_nprobe(nlist),
+        pq_subquantizers=subquantizers,
+        pq_bits=bits,
+        rerank_factor=RERANK_FACTOR[kind],
+        training_points=training,
+    )
+
+
+def train_ivf(vectors: np.ndarray, kind: str, *, seed: int = TRAINING_SEED):
+    """Trains an empty IVF index of ``kind`` on a seeded sample of ``vectors``.
+
+    Args:
+        vectors: (n, d) float32 (a memory map is fine: only the sample is read).
+        kind: ``ivf-sq8`` or ``ivf-pq``.
+        seed: the sample's seed.
+
+    Returns:
+        ``(trained empty FAISS index, IndexParameters)``; the same inputs give the same index.
+
+    Raises:
+        IndexBuildError: ``ivf-pq`` with fewer vectors than its codes have centroids.
+    """
+    import faiss
+
+    if kind not in IVF_KINDS:
+        raise ValueError(f"not an IVF kind: {kind!r} (one of {IVF_KINDS})")
+    count, dimension = vectors.shape
+    parameters = ivf_parameters(kind, count, dimension)
+    if kind == "ivf-pq" and count < 2**parameters.pq_bits:
+        raise IndexBuildError(
+            f"an ivf-pq index needs at least {2**parameters.pq_bits} vectors to train its codes, got {count}; "
+            "use --index flat (exact, and small at this size)"
+        )
+    index = faiss.index_factory(dimension, parameters.factory)
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = COARSE_ITERATIONS
+    ivf.cp.min_points_per_centroid = 1  # tiny forced catalogs: no FAISS warning per build
+    ivf.cp.seed = seed
+    rotation = None
+    if parameters.factory.startswith("OPQ"):
+        rotation = faiss.downcast_VectorTransform(faiss.downcast_index(index).chain.at(0))
+        rotation.niter = OPQ_ITERATIONS
+        rotation.niter_pq_0 = OPQ_ITERATIONS
+        rotation.niter_pq = OPQ_KMEANS_ITERATIONS
+        rotation.max_train_points = OPQ_TRAINING_POINTS
+        # OPQ fits its rotation with 8-bit codes unless given a quantizer: the index's own shape.
+        rotation_quantizer = faiss.ProductQuantizer(dimension, parameters.pq_subquantizers, parameters.pq_bits)
+        rotation_quantizer.cp.min_points_per_centroid = 1
+        rotation.pq = rotation_quantizer
+    if kind == "ivf-pq":
+        faiss.downcast_index(ivf).do_polysemous_training = False  # the factory's default: minutes, unused here
+        product = faiss.downcast_index(ivf).pq
+        product.cp.niter = COARSE_ITERATIONS
+        product.cp.min_points_per_centroid = 1
+        product.cp.seed = seed
+    if parameters.training_points < count:
+        chosen = np.sort(np.random.default_rng(seed).choice(count, parameters.training_points, replace=False))
+        sample = np.ascontiguousarray(vectors[chosen], dtype=np.float32)
+    else:
+        sample = np.ascontiguousarray(vectors, dtype=np.float32)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    index.train(sample)
+    if rotation is not None:
+        rotation.pq = None  # the quantizer above is freed with this frame: no dangling pointer
+    ivf.nprobe = parameters.nprobe
+    return index, parameters
+
+
+def add_shard(trained: np.ndarray, vectors: np.ndarray, start: int) -> np.ndarray:
+    """Adds one shard of vectors to a copy of a trained empty index.
+
+    A pure function of bytes and arrays, so it can run anywhere (a Ray task, a process pool).
+
+    Args:
+        trained: ``faiss.serialize_index`` of the trained empty index (uint8 array).
+        vectors: (s, d) float32, the catalog's rows ``start .. start + s - 1``.
+        start: FAISS id of the shard's first vector.
+
+    Returns:
+        ``faiss.serialize_index`` of the shard's index (uint8 array), ids ``start ..``.
+    """
+    import faiss
+
+    index = faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
+    _add_in_chunks(index, vectors, start)
+    return faiss.serialize_index(index)
+
+
+def merge_shards(shards: Iterable[np.ndarray]):
+    """Joins serialized shard indexes (from :func:`add_shard`, in id order) into one index.
+
+    Each inverted list gets the shards' entries one shard after the other, so shards of
+    consecutive id ranges merged in order give the lists a single add makes: the same
+    search results, ids and distances.
+
+    Returns:
+        The merged FAISS index.
+    """
+    import faiss
+
+    merged = None
+    for shard in shards:
+        index = faiss.deserialize_index(np.asarray(shard, dtype=np.uint8))
+        if merged is None:
+            merged = index
+        else:
+            merged.merge_from(index, 0)  # ids are already global: no offset
+    if merged is None:
+        raise ValueError("no shards to merge")
+    return merged
+
+
+def build_sharded(
+    vectors: np.ndarray,
+    kind: str,
+    shards: int,
+    *,
+    map_shards: Callable[..., Iterable[np.ndarray]] = map,
+) -> VectorIndex:
+    """Builds an IVF index as a distributed build would: train once, add shards, merge.
+
+    Args:
+        vectors: (n, d) float32.
+        kind: ``ivf-sq8`` or ``ivf-pq``.
+        shards: how many contiguous id ranges to add separately.
+        map_shards: ``map``-like runner of :func:`add_shard` over (trained, vectors, start)
+            triples (default the built-in ``map``; e.g. Ray's remote calls for a cluster).
+
+    Returns:
+        The index, equal in search results to ``VectorIndex.build(vectors, kind)``.
+    """
+    vectors = _checked_vectors(vectors)
+    import faiss
+
+    index, parameters = train_ivf(vectors, kind)
+    trained = faiss.serialize_index(index)
+    bounds = np.linspace(0, len(vectors), max(1, shards) + 1).astype(int)
+    starts = [int(start) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    ends = [int(end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    pieces = map_shards(add_shard, [trained] * len(starts), [vectors[s:e] for s, e in zip(starts, ends)], starts)
+    merged = merge_shards(pieces)
+    faiss.extract_index_ivf(merged).nprobe = parameters.nprobe
+    return VectorIndex(merged, kind, parameters=parameters, embeddings=vectors.astype(np.float16), use_gpu=False)
+
+
+def _add_in_chunks(index, vectors: np.ndarray, start: int) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    for offset in range(0, len(vectors), ADD_CHUNK):
+        chunk = np.ascontiguousarray(vectors[offset : offset + ADD_CHUNK], dtype=np.float32)
+        index.add_with_ids(chunk, np.arange(start + offset, start + offset + len(chunk), dtype=np.int64))
+
+
+def _checked_vectors(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise ValueError(f"need (n, d) vectors with n > 0, got {vectors.shape}")
+    return vectors
+
+
+# -- the index ----------------------------------------------------------------------------
+
+
 class VectorIndex:
     """A FAISS index over (n, d) float32 vectors, searched by L2 distance.
 
     Args:
         index: a CPU FAISS index (moved to the GPU here when one is available and ``use_gpu``).
-        kind: ``flat`` or ``hnsw``.
+        kind: one of :data:`BUILT_KINDS`.
+        parameters: how it was built (IVF kinds: nprobe, the re-rank factor ...).
+        embeddings: IVF kinds: the (n, d) float16 vectors to re-rank against (an array or a
+            read-only memory map).
         use_gpu: move a flat index to the GPU if FAISS sees one.
     """
 
-    def __init__(self, index, kind: str, *, use_gpu: bool = True):
+    def __init__(
+        self,
+        index,
+        kind: str,
+        *,
+        parameters: IndexParameters | None = None,
+        embeddings: np.ndarray | None = None,
+        use_gpu: bool = True,
+    ):
         import faiss
 
+        if kind in IVF_KINDS and (embeddings is None or embeddings.shape != (index.ntotal, index.d)):
+            shape = None if embeddings is None else embeddings.shape
+            raise ValueError(f"an {kind} index needs ({index.ntotal}, {index.d}) float16 embeddings, got {shape}")
         self.kind = kind
         self.cpu_index = index
         self.dimension = index.d
         self.size = index.ntotal
         self.device = "cpu"
+        self.embeddings = embeddings if kind in IVF_KINDS else None
         self._index = index
-        # Filtered exact scans search the flat vectors with an ID selector: the index itself when
-        # flat, else the HNSW graph's flat storage (same vectors, same FAISS ids).
-        self._flat_vectors = index if kind == "flat" else faiss.downcast_index(index.storage)
-        #: Filtered HNSW searches allowing at most this many items scan them exactly.
+        if kind == "hnsw":
+            parameters = IndexParameters(
+                factory=f"HNSW{index.hnsw.nb_neighbors(1)}",
+                hnsw_links=index.hnsw.nb_neighbors(1),
+                ef_search=index.hnsw.efSearch,
+            )
+        self.parameters = parameters or IndexParameters(factory="Flat" if kind == "flat" else None)
+        if kind in IVF_KINDS:
+            self._ivf = faiss.extract_index_ivf(index)
+            self.nprobe = self._ivf.nprobe
+            self.rerank_factor = self.parameters.rerank_factor or RERANK_FACTOR[kind]
+            self.parameters = IndexParameters(
+                **{**self.parameters.__dict__, "nprobe": self.nprobe, "rerank_factor": self.rerank_factor}
+            )
+            self._flat_vectors = None
+        else:
+            # Filtered exact scans search the flat vectors with an ID selector: the index itself
+            # when flat, else the HNSW graph's flat storage (same vectors, same FAISS ids).
+            self._flat_vectors = index if kind == "flat" else faiss.downcast_index(index.storage)
+        #: Filtered searches (other than on a flat index) allowing at most this many items scan them exactly.
         self.exact_scan_up_to = EXACT_SCAN_UP_TO
         # omp_set_num_threads is process-wide; the lock keeps a batch search from running with
         # the single-query setting of a concurrent request (and vice versa).
@@ -93,25 +458,34 @@ class VectorIndex:
             self.device = "gpu"
 
     @classmethod
-    def build(cls, vectors: np.ndarray, kind: str = "auto", *, use_gpu: bool = True) -> VectorIndex:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        kind: str = "auto",
+        *,
+        use_gpu: bool = True,
+        memory_bytes: int | None = None,
+    ) -> VectorIndex:
         """Builds an index over (n, d) float32 vectors.
 
         Args:
             vectors: (n, d) float32, row i becomes FAISS id i.
-            kind: ``auto`` (flat below :data:`APPROXIMATE_FROM` vectors, else HNSW), ``flat``
-                or ``hnsw``.
+            kind: ``auto`` (:func:`choose_kind`) or one of :data:`BUILT_KINDS`.
             use_gpu: move a flat index to the GPU when FAISS sees one.
+            memory_bytes: the resident budget ``auto`` chooses within (None: no limit).
         """
         import faiss
 
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or len(vectors) == 0:
-            raise ValueError(f"need (n, d) vectors with n > 0, got {vectors.shape}")
+        vectors = _checked_vectors(vectors)
         if kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
-        if kind == "auto":
-            kind = "hnsw" if len(vectors) >= APPROXIMATE_FROM else "flat"
         dimension = vectors.shape[1]
+        if kind == "auto":
+            kind = choose_kind(len(vectors), memory_bytes, dimension)
+        if kind in IVF_KINDS:
+            index, parameters = train_ivf(vectors, kind)
+            _add_in_chunks(index, vectors, 0)
+            return cls(index, kind, parameters=parameters, embeddings=vectors.astype(np.float16), use_gpu=False)
         if kind == "flat":
             index = faiss.IndexFlatL2(dimension)
         else:
@@ -122,8 +496,16 @@ class VectorIndex:
         index.add(vectors)
         return cls(index, kind, use_gpu=use_gpu)
 
+    @property
+    def resident_bytes(self) -> int:
+        """Estimated resident bytes of this index (:func:`resident_bytes`)."""
+        return resident_bytes(self.kind, self.size, self.dimension)
+
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None) -> SearchResult:
         """Finds the ``k`` nearest vectors of each query, optionally among allowed items only.
+
+        IVF kinds search ``rerank_factor * k`` candidates in ``nprobe`` lists and return the
+        ``k`` nearest of them by exact L2 to the float16 embeddings.
 
         With ``allowed``, only allowed positions are returned, nearest first, and rows are padded
         with position -1 and distance +inf when fewer than ``k`` items are allowed. How:
@@ -134,7 +516,10 @@ class VectorIndex:
         - HNSW index: the same exact scan of its flat storage when at most
           :attr:`exact_scan_up_to` items are allowed (:data:`EXACT_SCAN_UP_TO`, chosen by
           measurement, see there), else an HNSW walk with an ``IDSelectorBitmap`` and the
-          index's ``efSearch``: approximate, at about the cost of an unfiltered search.
+          index's ``efSearch``: approximate, at about the cost of an unfiltered search;
+        - IVF kinds: up to :attr:`exact_scan_up_to` allowed items, a numpy scan of their
+          float16 embeddings (exact); above, an IVF search with an ``IDSelectorBitmap``, then
+          the exact re-ranking: approximate like an unfiltered IVF search.
 
         Filtered searches always run on the CPU copy of the index, also when the flat index
         was moved to a GPU: whether a GPU index honours an ID selector depends on the FAISS
@@ -163,6 +548,8 @@ class VectorIndex:
         k = min(k, self.size)
         if allowed is not None:
             return self._search_allowed(queries, k, allowed)
+        if self.kind in IVF_KINDS:
+            return self._search_ivf(queries, k)
         with self._lock:
             # One query is faster on one thread (no OpenMP fan-out cost); batches use all cores.
             faiss.omp_set_num_threads(1 if len(queries) == 1 else (os.cpu_count() or 1))
@@ -194,10 +581,36 @@ class VectorIndex:
         return drop_excluded(found, excluded, k)
 
     def filter_method(self, allowed_count: int) -> str:
-        """How a search allowing ``allowed_count`` items runs: ``"exact scan"`` or ``"hnsw + selector"``."""
+        """How a search allowing ``allowed_count`` items runs: ``"exact scan"``, ``"hnsw + selector"``
+        or ``"ivf + selector"``."""
         if self.kind == "flat" or allowed_count <= self.exact_scan_up_to:
             return "exact scan"
-        return "hnsw + selector"
+        return "hnsw + selector" if self.kind == "hnsw" else "ivf + selector"
+
+    def _search_ivf(self, queries: np.ndarray, k: int, parameters=None) -> SearchResult:
+        """Candidates on the codes, then the exact re-ranking (queries and ``k`` checked)."""
+        import faiss
+
+        candidates = min(self.size, self.rerank_factor * k)
+        with self._lock:
+            faiss.omp_set_num_threads(1 if len(queries) == 1 else (os.cpu_count() or 1))
+            _, found = self.cpu_index.search(queries, candidates, params=parameters)
+        return self._rerank(queries, found, k)
+
+    def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> SearchResult:
+        """The ``k`` nearest of each row's candidate positions by exact L2 to the float16 vectors."""
+        positions = np.full((len(queries), k), -1, dtype=np.int64)
+        distances = np.full((len(queries), k), np.inf, dtype=np.float32)
+        for row, (query, found) in enumerate(zip(queries, candidates)):
+            # Sorted positions: memory-map reads in file order, and ties go to the lower position.
+            found = np.unique(found[found >= 0])
+            if len(found) == 0:
+                continue
+            squared = _squared_distances(query, self.embeddings, found)
+            top = np.argsort(squared, kind="stable")[:k]
+            positions[row, : len(top)] = found[top]
+            distances[row, : len(top)] = np.sqrt(squared[top])
+        return SearchResult(positions=positions, distances=distances)
 
     def _search_allowed(self, queries: np.ndarray, k: int, allowed: np.ndarray) -> SearchResult:
         """The filtered search of :meth:`search`; queries and ``k`` are already checked."""
@@ -212,8 +625,17 @@ class VectorIndex:
                 positions=np.full((len(queries), k), -1, dtype=np.int64),
                 distances=np.full((len(queries), k), np.inf, dtype=np.float32),
             )
+        method = self.filter_method(allowed_count)
+        if self.kind in IVF_KINDS:
+            if method == "exact scan":
+                subset = np.flatnonzero(allowed)
+                return self._rerank(queries, np.broadcast_to(subset, (len(queries), len(subset))), k)
+            bitmap = np.packbits(allowed, bitorder="little")
+            selector = faiss.IDSelectorBitmap(self.size, faiss.swig_ptr(bitmap))
+            parameters = faiss.SearchParametersIVF(sel=selector, nprobe=self.nprobe)
+            return self._search_ivf(queries, k, parameters)
         # The selector points into these numpy arrays: they must outlive the search call.
-        if self.filter_method(allowed_count) == "exact scan":
+        if method == "exact scan":
             subset = np.flatnonzero(allowed).astype(np.int64, copy=False)
             selector = faiss.IDSelectorArray(len(subset), faiss.swig_ptr(subset))
             index, parameters = self._flat_vectors, faiss.SearchParameters(sel=selector)
@@ -231,11 +653,20 @@ class VectorIndex:
         return SearchResult(positions=positions, distances=distances)
 
     def reconstruct(self, position: int) -> np.ndarray:
-        """Returns the stored vector of one catalog position, (d,) float32."""
+        """The stored vector of one catalog position, (d,) float32: exact, never a decoded code.
+
+        Flat and HNSW indexes hold the float32 vectors; IVF kinds read the float16 embeddings
+        (their codes would only give an approximation).
+        """
+        if self.embeddings is not None:
+            if not 0 <= int(position) < self.size:
+                raise IndexError(f"position {position} outside 0..{self.size - 1}")
+            return np.asarray(self.embeddings[int(position)], dtype=np.float32)
         return np.asarray(self.cpu_index.reconstruct(int(position)), dtype=np.float32)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the CPU version of the index to ``path``.
+        """Writes the CPU version of the index to ``path``; an IVF kind also writes its float16
+        embeddings beside it (:data:`EMBEDDINGS_FILE` in the same folder).
 
         Raises:
             StorageError: the disk is full or the quota exceeded.
@@ -250,28 +681,156 @@ class VectorIndex:
                 if os.strerror(code) in str(error):
                     raise storage_error(OSError(code, os.strerror(code)), path) from None
             raise
+        if self.embeddings is not None:
+            target = Path(path).with_name(EMBEDDINGS_FILE)
+            try:
+                np.save(target, np.asarray(self.embeddings), allow_pickle=False)
+            except OSError as error:
+                if error.errno in NO_SPACE_ERRNOS:
+                    raise storage_error(error, target) from None
+                raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, use_gpu: bool = True) -> VectorIndex:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        use_gpu: bool = True,
+        parameters: IndexParameters | None = None,
+    ) -> VectorIndex:
         """Reads an index written by :meth:`save`.
 
+        IVF indexes are read with ``IO_FLAG_MMAP`` (their inverted lists stay in the file's
+        pages) and their float16 embeddings with ``np.load(mmap_mode="r")``.
+
+        Args:
+            path: the index file.
+            use_gpu: move a flat index to the GPU when FAISS sees one.
+            parameters: the manifest's record of how it was built (the re-rank factor, which
+                FAISS does not store; nprobe is in the file).
+
         Raises:
-            BundleError: the file is not a FAISS index of a known kind.
+            BundleError: the file is not a FAISS index of a known kind, or an IVF index's
+                embeddings are missing or of the wrong shape or dtype.
         """
         import faiss
 
+        path = Path(path)
         try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as error:
+            with open(path, "rb") as handle:
+                fourcc = handle.read(4)
+            # IVF lists and flat codes mapped from the file instead of copied into memory.
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if fourcc in _IVF_FOURCCS else 0
+            index = faiss.read_index(str(path), flags)
+        except (OSError, RuntimeError) as error:
             raise BundleError(f"cannot read FAISS index {path}: {str(error).splitlines()[0]}") from None
-        if isinstance(index, faiss.IndexFlatL2):
-            kind = "flat"
-        elif isinstance(index, faiss.IndexHNSWFlat):
-            kind = "hnsw"
-            index.hnsw.efSearch = HNSW_EF_SEARCH
-        else:
+        kind = _kind_of(index)
+        if kind is None:
             raise BundleError(f"{path}: unsupported FAISS index type {type(index).__name__}")
-        return cls(index, kind, use_gpu=use_gpu)
+        if kind == "hnsw":
+            index.hnsw.efSearch = HNSW_EF_SEARCH
+            return cls(index, kind, use_gpu=use_gpu)
+        if kind == "flat":
+            return cls(index, kind, use_gpu=use_gpu)
+        embeddings_path = path.with_name(EMBEDDINGS_FILE)
+        try:
+            embeddings = np.load(embeddings_path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise BundleError(f"{path}: the {kind} index needs {embeddings_path.name}: {error}") from None
+        if embeddings.dtype != np.float16 or embeddings.shape != (index.ntotal, index.d):
+            raise BundleError(
+                f"{embeddings_path}: expected ({index.ntotal}, {index.d}) float16 embeddings for the {kind} index, "
+                f"got {embeddings.dtype} {embeddings.shape}"
+            )
+        parameters = parameters or IndexParameters()
+        recorded = _ivf_parameters_of(index, kind)
+        parameters = IndexParameters(
+            **{**recorded.__dict__, **{name: value for name, value in parameters.__dict__.items() if value is not None}}
+        )
+        faiss.extract_index_ivf(index).nprobe = parameters.nprobe
+        return cls(index, kind, parameters=parameters, embeddings=embeddings, use_gpu=False)
+
+
+#: File headers (FAISS fourcc) of the IVF indexes this module writes: SQ8, and OPQ's pre-transform.
+_IVF_FOURCCS = (b"IwSq", b"IwSQ", b"IxPT", b"IwPQ", b"IwQR")
+
+
+def _kind_of(index) -> str | None:
+    import faiss
+
+    if isinstance(index, faiss.IndexFlatL2):
+        return "flat"
+    if isinstance(index, faiss.IndexHNSWFlat):
+        return "hnsw"
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+        return "ivf-sq8"
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        return "ivf-pq"
+    return None
+
+
+def _ivf_parameters_of(index, kind: str) -> IndexParameters:
+    """What a loaded IVF index says about itself (lists, nprobe, PQ shape)."""
+    import faiss
+
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    subquantizers = bits = None
+    if kind == "ivf-pq":
+        subquantizers, bits = int(ivf.pq.M), int(ivf.pq.nbits)
+    return IndexParameters(
+        nlist=int(ivf.nlist),
+        nprobe=int(ivf.nprobe),
+        pq_subquantizers=subquantizers,
+        pq_bits=bits,
+        rerank_factor=RERANK_FACTOR[kind],
+    )
+
+
+def _squared_distances(query: np.ndarray, embeddings: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Exact squared L2 from one (d,) float32 query to the float16 rows at sorted ``positions``."""
+    distances = np.empty(len(positions), dtype=np.float32)
+    for start in range(0, len(positions), 4096):  # bounded float32 copies of a large subset
+        rows = np.asarray(embeddings[positions[start : start + 4096]], dtype=np.float32)
+        rows -= query
+        distances[start : start + len(rows)] = np.einsum("ij,ij->i", rows, rows)
+    return distances
+
+
+def measure_recall(index: VectorIndex, vectors: np.ndarray, *, queries: int = 1000, k: int = 6, seed: int = 0) -> float:
+    """recall@k of ``index`` against exact search, on a seeded sample of its own vectors.
+
+    Args:
+        index: the index over ``vectors``.
+        vectors: (n, d) float32, the indexed vectors (row i = position i).
+        queries: how many vectors to sample as queries (all when fewer).
+        k: neighbours compared.
+        seed: the sample's seed.
+
+    Returns:
+        The mean share of each query's exact ``k`` nearest (``IndexFlatL2``) the index returns.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    count = min(queries, len(vectors))
+    sample = np.sort(np.random.default_rng(seed).choice(len(vectors), size=count, replace=False))
+    query_vectors = vectors[sample]
+    k = min(k, len(vectors))
+    if index.kind == "flat":
+        exact = index.search(query_vectors, k).positions
+    else:
+        flat = faiss.IndexFlatL2(vectors.shape[1])
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        flat.add(vectors)
+        exact = np.concatenate([flat.search(query_vectors[s : s + 256], k)[1] for s in range(0, count, 256)])
+        del flat
+    found = index.search(query_vectors, k).positions
+    return float(np.mean([len(set(a.tolist()) & set(e.tolist())) / k for a, e in zip(found, exact)]))
 
 
 def drop_excluded(found: SearchResult, excluded: Sequence[Collection[int]], k: int) -> SearchResult:

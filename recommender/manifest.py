@@ -17,7 +17,11 @@ Layout of ``manifest.json`` (format version 3; versions 1 and 2 lack ``backbone.
                 title_column | null, price_column | null, url_column | null,
                 image_root | null}
     embedding  {dimension, flip_average, layer}
-    index      {kind, size}
+    index      {kind, size, parameters {factory, nlist, nprobe, pq_subquantizers, pq_bits,
+                rerank_factor, training_points, hnsw_links, ef_search} | absent,
+                bytes_per_vector, rerank_bytes_per_vector, embeddings_file,
+                recall_at_6, recall_queries}   (all but kind and size absent before the
+                compressed kinds; such bundles read as flat / hnsw records without them)
     counts     {items, catalog_rows, bad_rows, classes {column: n}, taxonomy_paths, tags}
     metrics    the classifier's build metrics (heads.COLUMN.validation_accuracy, ...)
     self_retrieval, max_pixels
@@ -270,6 +274,123 @@ class Counts:
 
 
 @dataclass(frozen=True)
+class IndexParameters:
+    """How the FAISS index was built and is searched (None: does not apply to its kind).
+
+    Attributes:
+        factory: the ``faiss.index_factory`` string (``IVF4000,SQ8``, ``OPQ64,IVF4000,PQ64``).
+        nlist: inverted lists of an IVF kind.
+        nprobe: lists scanned per query.
+        pq_subquantizers: PQ codes per vector (bytes per vector at 8 bits), ``m``.
+        pq_bits: bits per PQ code (8, fewer on tiny catalogs).
+        rerank_factor: an IVF kind searches ``rerank_factor * k`` candidates on its codes and
+            re-ranks them by exact L2 against ``embeddings.f16.npy``.
+        training_points: the seeded sample the quantizers were trained on.
+        hnsw_links: HNSW's ``M``.
+        ef_search: HNSW's ``efSearch``.
+    """
+
+    factory: str | None = None
+    nlist: int | None = None
+    nprobe: int | None = None
+    pq_subquantizers: int | None = None
+    pq_bits: int | None = None
+    rerank_factor: int | None = None
+    training_points: int | None = None
+    hnsw_links: int | None = None
+    ef_search: int | None = None
+
+    @classmethod
+    def from_reader(cls, reader: _Reader | None) -> IndexParameters:
+        if reader is None:
+            return cls()
+        return cls(
+            factory=reader.string("factory", optional=True),
+            nlist=reader.integer("nlist", optional=True, minimum=1),
+            nprobe=reader.integer("nprobe", optional=True, minimum=1),
+            pq_subquantizers=reader.integer("pq_subquantizers", optional=True, minimum=1),
+            pq_bits=reader.integer("pq_bits", optional=True, minimum=1),
+            rerank_factor=reader.integer("rerank_factor", optional=True, minimum=1),
+            training_points=reader.integer("training_points", optional=True, minimum=1),
+            hnsw_links=reader.integer("hnsw_links", optional=True, minimum=1),
+            ef_search=reader.integer("ef_search", optional=True, minimum=1),
+        )
+
+    def to_json(self) -> dict:
+        """The parameters that apply (None ones left out)."""
+        return {name: value for name, value in self.__dict__.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The manifest's ``index``: which FAISS index the bundle holds and how good it is.
+
+    Bundles from before the compressed kinds record only ``kind`` and ``size``; the rest is
+    then None (and ``parameters`` empty).
+
+    Attributes:
+        kind: ``flat``, ``hnsw``, ``ivf-sq8`` or ``ivf-pq`` (``recommender.index``).
+        size: vectors in the index.
+        parameters: how it was built and is searched.
+        bytes_per_vector: estimated resident bytes per vector of the loaded index, its
+            fixed parts (centroids, rotation, tables) spread over the vectors
+            (``recommender.index.resident_bytes``).
+        rerank_bytes_per_vector: bytes per vector of ``embeddings_file`` (float16, memory-mapped,
+            so not resident; 0 for flat and HNSW, which store float32 vectors inside).
+        embeddings_file: the bundle's (n, d) float16 standardized embeddings for exact
+            re-ranking and item vectors (IVF kinds), or None.
+        recall_at_6: recall@6 of the index against exact search, measured at build on
+            ``recall_queries`` seeded catalog vectors.
+        recall_queries: how many.
+    """
+
+    kind: str = "flat"
+    size: int | None = None
+    parameters: IndexParameters = field(default_factory=IndexParameters)
+    bytes_per_vector: float | None = None
+    rerank_bytes_per_vector: int | None = None
+    embeddings_file: str | None = None
+    recall_at_6: float | None = None
+    recall_queries: int | None = None
+
+    @classmethod
+    def from_reader(cls, reader: _Reader | None) -> IndexRecord:
+        if reader is None:
+            return cls()
+        recall = reader.number("recall_at_6", optional=True)
+        if recall is not None and not 0.0 <= recall <= 1.0:
+            reader.fail("recall_at_6", f"expected a share from 0 to 1, got {recall}")
+        return cls(
+            kind=reader.string("kind", optional=True) or "flat",
+            size=reader.integer("size", optional=True),
+            parameters=IndexParameters.from_reader(reader.child("parameters", optional=True)),
+            bytes_per_vector=reader.number("bytes_per_vector", optional=True),
+            rerank_bytes_per_vector=reader.integer("rerank_bytes_per_vector", optional=True),
+            embeddings_file=reader.string("embeddings_file", optional=True),
+            recall_at_6=recall,
+            recall_queries=reader.integer("recall_queries", optional=True),
+        )
+
+    def to_json(self) -> dict:
+        """``{kind, size}`` plus whatever else is recorded (an old record writes back unchanged)."""
+        payload: dict[str, Any] = {"kind": self.kind, "size": self.size}
+        parameters = self.parameters.to_json()
+        if parameters:
+            payload["parameters"] = parameters
+        for name in (
+            "bytes_per_vector",
+            "rerank_bytes_per_vector",
+            "embeddings_file",
+            "recall_at_6",
+            "recall_queries",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                payload[name] = value
+        return payload
+
+
+@dataclass(frozen=True)
 class HeadMetrics:
     """One head's figures on the build's validation split (None where it had no rows)."""
 
@@ -325,8 +446,7 @@ class Manifest:
     catalog: CatalogInfo
     embedding_dimension: int
     flip_average: bool
-    index_kind: str
-    index_size: int | None
+    index: IndexRecord
     counts: Counts
     metrics: BuildMetrics
     files: Mapping[str, FileEntry]
@@ -340,6 +460,16 @@ class Manifest:
     @property
     def primary_column(self) -> str:
         return self.catalog.primary_column
+
+    @property
+    def index_kind(self) -> str:
+        """The FAISS index kind (``index.kind``)."""
+        return self.index.kind
+
+    @property
+    def index_size(self) -> int | None:
+        """Vectors in the index (``index.size``)."""
+        return self.index.size
 
     @classmethod
     def from_json(cls, payload, source: str = "manifest.json") -> Manifest:
@@ -416,8 +546,7 @@ class Manifest:
             embedding_dimension=embedding.integer("dimension", minimum=1),
             flip_average=bool(embedding.boolean("flip_average", optional=True)),
             embedding_layer=embedding.string("layer", optional=True) or "embedding",
-            index_kind=(index.string("kind", optional=True) or "flat") if index else "flat",
-            index_size=index.integer("size", optional=True) if index else None,
+            index=IndexRecord.from_reader(index),
             counts=Counts(
                 items=counts.integer("items"),
                 catalog_rows=counts.integer("catalog_rows", optional=True) or counts.payload.get("items"),
@@ -449,7 +578,7 @@ class Manifest:
                 "flip_average": self.flip_average,
                 "layer": self.embedding_layer,
             },
-            "index": {"kind": self.index_kind, "size": self.index_size},
+            "index": self.index.to_json(),
             "counts": self.counts.to_json(),
             "metrics": self.metrics.to_json(),
             "self_retrieval": self.self_retrieval,

@@ -126,6 +126,7 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
     """
     from recommender.backbones import KERAS_APPLICATIONS, list_backbones
     from recommender.config import ENGINES, BuildConfig
+    from recommender.index import INDEX_KINDS
 
     defaults = BuildConfig()
     keras_names = ", ".join(application.name for application in KERAS_APPLICATIONS)
@@ -189,9 +190,18 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--index",
-        choices=("auto", "flat", "hnsw"),
+        choices=INDEX_KINDS,
         default=defaults.index_kind,
-        help="FAISS index kind (default: %(default)s = exact below 100,000 items)",
+        help="FAISS index kind: flat (exact), hnsw, ivf-sq8 or ivf-pq (compressed, re-ranked exactly); "
+        "default %(default)s: flat below 100,000 items, else the first of hnsw, ivf-sq8, ivf-pq within --index-memory",
+    )
+    parser.add_argument(
+        "--index-memory",
+        type=memory_size,
+        default=defaults.index_memory_bytes,
+        metavar="SIZE",
+        help="resident memory the index may take, e.g. 2GB or 512MiB; --index auto picks the kind that fits "
+        "(default: no limit)",
     )
     parser.add_argument(
         "--no-flips",
@@ -248,6 +258,34 @@ def positive_int(text: str) -> int:
     value = non_negative_int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+#: Units of :func:`memory_size`: decimal (kB, MB, GB, TB) and binary (KiB, MiB, GiB, TiB).
+MEMORY_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def memory_size(text: str) -> int:
+    """argparse type: a size in bytes from ``2GB``, ``1.5 GiB``, ``800MB`` or a plain number of bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or (unit and unit not in MEMORY_UNITS):
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 512MiB or 800000000, got {text!r}")
+    value = int(float(match.group(1)) * MEMORY_UNITS[unit or "b"])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes, got {text!r}")
     return value
 
 
@@ -311,6 +349,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         flips=not args.no_flips,
         flip_average=not args.no_flips,
         index_kind=args.index,
+        index_memory_bytes=getattr(args, "index_memory", None),
         max_bad_fraction=args.max_bad_fraction,
         min_class_examples=args.min_class_examples,
         feature_store=getattr(args, "feature_store", None) or defaults.feature_store,
