@@ -269,9 +269,19 @@ BAD_IMAGES = ("zero_bytes", "truncated_jpeg", "text_file", "huge_png", "garbage"
 ROOT = Path(__file__).resolve().parents[1]
 
 #: Every benchmark with a --quick run, in the order test_bench and test_bench_attributes ask for them.
-QUICK_SCRIPTS = ("extraction", "search", "query", "multihead", "filtered", "quality", "hierarchy", "tags")
+QUICK_SCRIPTS = (
+    "extraction",
+    "search",
+    "query",
+    "multihead",
+    "filtered",
+    "quality",
+    "hierarchy",
+    "tags",
+    "index_kinds",
+)
 #: Seconds a --quick run may take (TensorFlow's import included); those that train models get longer.
-QUICK_TIMEOUTS = {"quality": 300, "hierarchy": 180, "tags": 180}
+QUICK_TIMEOUTS = {"quality": 300, "hierarchy": 180, "tags": 180, "multihead": 240}
 #: --quick runs at a time. Each spends seconds importing TensorFlow and tracing models on one
 #: thread, so two at a time keep both cores of a small machine busy.
 QUICK_PARALLEL = 2

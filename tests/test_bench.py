@@ -136,3 +136,18 @@ def test_quality_quick(quick_runs):
     assert 0.0 < summary["raw_p_at_6"] < 1.0 and 0.0 < summary["p_at_6"]["mean"] < 1.0
     assert set(summary["checks"]) >= {"articleType vs probe", "cost of the other heads", "P@6 vs raw"}
     assert "fashion-products-small: catalog" in output and "P@6 (articleType)" in output
+
+
+def test_index_kinds_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "index_kinds")
+    assert {row["kind"] for row in payload["rows"]} == {"flat", "ivf-sq8", "ivf-pq"}
+    for row in payload["rows"]:
+        assert row["n"] == 3000 and row["catalog_rows"] == 3000
+        assert row["rss_mb"]["after_queries"]["total"] > 0
+        for setting in row["settings"]:
+            assert setting["p50_ms"] > 0 and 0.9 <= setting["recall_at_6"] <= 1.0
+        if row["kind"] != "flat":
+            assert row["rerank_file_mb"] == pytest.approx(3000 * 512 * 2 / 1e6, rel=0.01)
+    assert row["parameters"]["factory"].startswith("OPQ")
+    # The 10M figures are computed (not measured here) and say so.
+    assert "computed, 10,000,000 x 512-d" in output
