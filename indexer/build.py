@@ -40,7 +40,7 @@ from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.feature_parts import PartFeatureStore, open_feature_store, parts_store_path
 from recommender.features import ExtractionResult, extract_features, progress_bar
-from recommender.index import VectorIndex, measure_recall, rerank_bytes_per_vector
+from recommender.index import IVF_KINDS, VectorIndex, choose_kind, measure_recall, rerank_bytes_per_vector
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.manifest import CatalogRecord
 from recommender.scalers import fit_scaler, scaler_arrays, transform
@@ -55,7 +55,11 @@ RECALL_QUERIES = 1000
 
 @dataclass
 class BuildReport:
-    """What a build did, for the CLI summary and the bundle's ``build_report.json``."""
+    """What a build did, for the CLI summary and the bundle's ``build_report.json``.
+
+    ``index_shards``: how many parts the index was added in (Ray tasks with ``--engine ray``
+    and an IVF kind; 1 otherwise).
+    """
 
     bundle: str
     bundle_id: str
@@ -67,6 +71,7 @@ class BuildReport:
     seconds: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     self_retrieval: float = 0.0
+    index_shards: int = 1
 
     def to_json(self) -> dict:
         """JSON-ready form."""
@@ -311,9 +316,16 @@ def build_bundle(
     raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
     embedding_scaler = fit_scaler(raw_embeddings)
     embeddings = transform(embedding_scaler, raw_embeddings)
-    index = VectorIndex.build(
-        embeddings, config.index_kind, use_gpu=config.use_gpu, memory_bytes=config.index_memory_bytes
-    )
+    kind = config.index_kind
+    if kind == "auto":
+        kind = choose_kind(len(embeddings), config.index_memory_bytes, embeddings.shape[1])
+    shards = 1
+    if config.engine == "ray" and kind in IVF_KINDS:
+        from indexer.ray_engine import build_index_ray
+
+        index, shards = build_index_ray(embeddings, kind, config.ray)
+    else:
+        index = VectorIndex.build(embeddings, kind, use_gpu=config.use_gpu)
     self_retrieval = _self_retrieval(index, embeddings, extraction.hashes)
     recall = measure_recall(index, embeddings, queries=RECALL_QUERIES, k=6)
     log.info("%s index over %d vectors: recall@6 %.3f vs exact", index.kind, index.size, recall)
@@ -332,6 +344,7 @@ def build_bundle(
         cached=len(extraction.rows) - extraction.extracted,
         metrics=trained.metrics,
         self_retrieval=self_retrieval,
+        index_shards=shards,
     )
 
     def fill(folder: Path) -> dict:

@@ -16,6 +16,12 @@ loop. Ray Data restarts a killed actor and retries its batch (``max_restarts=-1`
 again, which the store reads once. A killed driver leaves the parts already written, so the
 rerun extracts only what is missing.
 
+With an IVF index kind (``--index ivf-sq8`` / ``ivf-pq``, or ``auto`` choosing one) the index is
+built here too (:func:`build_index_ray`): the driver trains the quantizers once on the seeded
+sample, Ray tasks add contiguous shards of the embeddings to copies of the trained index, and
+the driver merges the shards in id order: the index a single add makes. Flat and HNSW indexes
+are built on the driver (neither merges from shards).
+
 Every node must read the catalog photos, the feature store folder and a file backbone at the
 same paths (a shared file system or a mounted bucket).
 """
@@ -288,6 +294,53 @@ def extract_features_ray(
         bad_rows=bad_rows,
         extracted=len(todo) - len(errors),
     )
+
+
+#: Most vectors one index-shard task adds (float32 copies of a shard live in the object store
+#: and in the task: 500,000 x 512-d is 1 GB).
+INDEX_SHARD_VECTORS = 500_000
+
+
+def index_shards(count: int, cpus: float) -> int:
+    """Shards of an index build over ``count`` vectors: one per cluster CPU, more when a shard
+    would exceed :data:`INDEX_SHARD_VECTORS`, never more than the vectors."""
+    return max(1, min(count, max(int(cpus), -(-count // INDEX_SHARD_VECTORS))))
+
+
+def build_index_ray(vectors: np.ndarray, kind: str, config: RayConfig = RayConfig()):
+    """An IVF index over ``vectors`` with its shards added in Ray tasks.
+
+    Args:
+        vectors: (n, d) float32 standardized embeddings (row i = catalog row i).
+        kind: ``ivf-sq8`` or ``ivf-pq``.
+        config: the cluster to run on.
+
+    Returns:
+        ``(VectorIndex, shards)``: the index (equal to ``VectorIndex.build(vectors, kind)`` in
+        ids and distances) and how many shard tasks added it.
+
+    Raises:
+        RayEngineError: Ray cannot start, or a shard task failed.
+        IndexBuildError: the kind cannot be built for these vectors.
+    """
+    from recommender.index import add_shard, build_sharded
+
+    with ray_session(config) as ray:
+        shards = index_shards(len(vectors), ray.cluster_resources().get("CPU", 1))
+        remote_add = ray.remote(num_cpus=1, max_retries=3)(add_shard)
+
+        def run_on_ray(function, trained_column, vector_column, starts):
+            trained = ray.put(trained_column[0])  # the same trained index for every shard: sent once
+            pending = [remote_add.remote(trained, shard, start) for shard, start in zip(vector_column, starts)]
+            for reference in pending:  # in id order, each merged as it is read
+                yield ray.get(reference)
+
+        log.info("adding %d vectors to the %s index in %d Ray task(s)", len(vectors), kind, shards)
+        try:
+            index = build_sharded(vectors, kind, shards, map_shards=run_on_ray)
+        except ray.exceptions.RayError as error:
+            raise RayEngineError(f"an index shard task failed on Ray: {str(error).splitlines()[0]}") from None
+    return index, shards
 
 
 def ray_available() -> bool:

@@ -5,7 +5,8 @@
 Starts one local Ray (2 CPUs, 200 MB object store) and builds the catalog three times with the
 tiny bundle's settings: ``OUT/local`` (engine local, HDF5 store), ``OUT/ray`` (engine ray, part
 store ``OUT/ray.parts``; the first actor to reach a batch is SIGKILLed once, marker
-``OUT/killed``) and ``OUT/ray-again`` (engine ray, same store: everything cached). Then a
+``OUT/killed``) and ``OUT/ray-again`` (engine ray, same store: everything cached; an ``ivf-sq8`` index added in
+shard tasks on that Ray, :func:`indexer.ray_engine.build_index_ray`). Then a
 nightly rebuild on that Ray whose driver is SIGKILLed mid-extraction, and its rerun
 (:func:`killed_driver`). Writes the reports to ``OUT/reports.json``; the test asserts on them.
 """
@@ -49,7 +50,8 @@ def main(catalog: str, out: str) -> int:
     step("ray build")
     reports["ray"] = build_bundle(catalog, out_path / "ray", ray_config).to_json()
     step("ray build again")
-    reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", ray_config).to_json()
+    again_config = replace(ray_config, index_kind="ivf-sq8")
+    reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", again_config).to_json()
     step("killed driver")
     reports["killed-driver"] = killed_driver(catalog, out_path, ray_config, ray.get_runtime_context().gcs_address)
     (out_path / "reports.json").write_text(json.dumps(reports, default=str))

@@ -114,6 +114,23 @@ def test_the_ray_store_is_compacted_parts_that_a_rerun_reuses(ray_builds):
     assert reports["ray-again"]["extracted"] == 0 and reports["ray-again"]["cached"] == total - 1
 
 
+def test_an_ivf_index_added_in_ray_shard_tasks_answers_like_the_local_exact_index(ray_builds):
+    """The cached rebuild asked for ivf-sq8: shards added by Ray tasks, merged on the driver."""
+    from recommender.engine import load_bundle
+
+    out, reports, _ = ray_builds
+    assert reports["ray-again"]["index_shards"] == 2  # one per CPU of the job's 2-CPU Ray
+    local, sharded = load_bundle(out / "local", use_gpu=False), load_bundle(out / "ray-again", use_gpu=False)
+    assert (local.index.kind, sharded.index.kind) == ("flat", "ivf-sq8")
+    assert sharded.index.size == local.index.size
+    # One list scanned whole at this size: exact search over the float16 vectors, so the same
+    # neighbour distances as the float32 flat index up to float16 rounding.
+    for row in local.rows:
+        expected = [n["distance"] for n in local.similar_to_item(row.id)["neighbors"]]
+        found = [n["distance"] for n in sharded.similar_to_item(row.id)["neighbors"]]
+        assert np.allclose(found, expected, rtol=2e-3, atol=2e-3), row.id
+
+
 def test_a_killed_driver_leaves_current_valid_and_the_rerun_reuses_stored_parts(ray_builds):
     _, reports, _ = ray_builds
     killed = reports["killed-driver"]
