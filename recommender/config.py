@@ -30,7 +30,7 @@ class RayConfig:
         address: the cluster to join (``auto``: the one ``ray start`` runs on this machine, or
             ``ray://HOST:10001``); None starts a private local Ray for the job.
         actors: extraction actors, each holding one backbone; None: one per GPU when the cluster
-            has GPUs, else one per two CPUs (TensorFlow runs its own threads inside each).
+            has GPUs, else one per four CPUs (TensorFlow runs its own threads inside each).
         gpus_per_actor: GPUs each actor asks for; None: 1 when the cluster has GPUs, else 0.
         object_store_bytes: object store size of a local Ray (None: Ray's default, 30% of RAM).
     """
