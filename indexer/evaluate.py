@@ -88,7 +88,7 @@ METRICS_KEYS: tuple[MetricsKey, ...] = (
     MetricsKey(("bundle.items",), "catalog items in its index"),
     MetricsKey(("bundle.backbone",), "backbone identity (kind, weights, input size, key)"),
     MetricsKey(("bundle.flip_average",), "whether embeddings average the image and its mirror"),
-    MetricsKey(("bundle.index_kind",), "`flat` (exact) or `hnsw` (approximate)"),
+    MetricsKey(("bundle.index_kind",), "`flat` (exact), or `hnsw`, `ivf-sq8`, `ivf-pq` (approximate)"),
     MetricsKey(("catalog.source",), "the test catalog as given"),
     MetricsKey(("catalog.rows",), "test rows read (good and bad)"),
     MetricsKey(("catalog.evaluated",), "rows whose image was read and answered"),
