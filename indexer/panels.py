@@ -179,10 +179,10 @@ def compute_panels(
                 # The engine scans the value's items exactly; so does a flat index of just those
                 # vectors, and FAISS searches that in batches with BLAS (a selector scan runs one
                 # query at a time). Same neighbours; distances agree to float32 rounding.
-                subset = VectorIndex.build(bundle.index.cpu_index.reconstruct_batch(members), "flat", use_gpu=False)
+                subset = VectorIndex.build(bundle.index.reconstruct_batch(members), "flat", use_gpu=False)
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                vectors = bundle.index.cpu_index.reconstruct_batch(chunk)
+                vectors = bundle.index.reconstruct_batch(chunk)
                 chunk_excluded = [excluded[int(position)] for position in chunk]
                 widest = max(len(positions) for positions in chunk_excluded)
                 if allowed is None:

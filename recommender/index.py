@@ -664,6 +664,15 @@ class VectorIndex:
             return np.asarray(self.embeddings[int(position)], dtype=np.float32)
         return np.asarray(self.cpu_index.reconstruct(int(position)), dtype=np.float32)
 
+    def reconstruct_batch(self, positions: np.ndarray) -> np.ndarray:
+        """The stored vectors of many catalog positions, (m, d) float32, as :meth:`reconstruct`."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.embeddings is not None:
+            if len(positions) and (positions.min() < 0 or positions.max() >= self.size):
+                raise IndexError(f"positions outside 0..{self.size - 1}")
+            return np.asarray(self.embeddings[positions], dtype=np.float32)
+        return np.asarray(self.cpu_index.reconstruct_batch(positions), dtype=np.float32)
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the CPU version of the index to ``path``; an IVF kind also writes its float16
         embeddings beside it (:data:`EMBEDDINGS_FILE` in the same folder).

@@ -245,3 +245,22 @@ def test_an_old_index_record_and_a_tampered_embeddings_file(ivf_bundle, tmp_path
     np.save(copy / EMBEDDINGS_FILE, embeddings)
     with pytest.raises(BundleError, match=EMBEDDINGS_FILE):
         verify_bundle(copy)
+
+
+def test_panels_of_a_compressed_bundle_equal_similar_to_item(ivf_bundle):
+    """Panels start from the stored float16 vectors (an IVF index has no float32 copy to read)."""
+    from indexer.panels import compute_panels
+    from recommender.engine import load_bundle
+
+    engine = load_bundle(ivf_bundle)
+    ids = [row.id for row in engine.rows]
+    for per_column in (None, "colour"):
+        positions, neighbors, distances = compute_panels(ivf_bundle, 6, per_column)
+        assert positions == list(range(len(ids)))
+        for position in positions:
+            filters = {per_column: engine.rows[position].labels[per_column]} if per_column else None
+            expected = engine.similar_to_item(ids[position], 6, filters=filters)["neighbors"]
+            assert [ids[p] for p in neighbors[position] if p >= 0] == [n["id"] for n in expected]
+            assert np.allclose(distances[position][: len(expected)], [n["distance"] for n in expected], atol=1e-4)
+    with pytest.raises(IndexError):
+        engine.index.reconstruct_batch(np.array([0, len(ids)]))
