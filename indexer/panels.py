@@ -127,6 +127,7 @@ def compute_panels(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
+    items: np.ndarray | None = None,
 ) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Every item's ``k`` nearest other items, as ``similar_to_item`` finds them, in batches.
 
@@ -137,6 +138,8 @@ def compute_panels(
             own value there (items without a value get no panel). None: the whole catalog.
         batch_size: items per FAISS search.
         progress: show a tqdm bar.
+        items: only these catalog positions' panels (one shard of a distributed job,
+            ``indexer.ray_engine.compute_panels_ray``); None: every item's.
 
     Returns:
         ``(item positions with a panel, ascending; (m, k) int64 neighbour positions, -1 padded;
@@ -170,18 +173,23 @@ def compute_panels(
         for value in bundle.attributes.values(per_column):
             allowed = bundle.attributes.mask({per_column: [value]})
             groups.append((np.flatnonzero(allowed), allowed))
+    wanted = None if items is None else np.isin(np.arange(size), np.asarray(items, dtype=np.int64))
     done_positions, done_neighbors, done_distances = [], [], []
-    bar = tqdm(total=sum(len(members) for members, _ in groups), desc="panels", unit="item", disable=not progress)
+    total = sum(len(members) if wanted is None else int(wanted[members].sum()) for members, _ in groups)
+    bar = tqdm(total=total, desc="panels", unit="item", disable=not progress)
     try:
         for members, allowed in groups:
+            queries = members if wanted is None else members[wanted[members]]
+            if len(queries) == 0:
+                continue
             subset = None
             if allowed is not None and bundle.index.filter_method(len(members)) == "exact scan":
                 # The engine scans the value's items exactly; so does a flat index of just those
                 # vectors, and FAISS searches that in batches with BLAS (a selector scan runs one
                 # query at a time). Same neighbours; distances agree to float32 rounding.
                 subset = VectorIndex.build(bundle.index.reconstruct_batch(members), "flat", use_gpu=False)
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
+            for start in range(0, len(queries), batch_size):
+                chunk = queries[start : start + batch_size]
                 vectors = bundle.index.reconstruct_batch(chunk)
                 chunk_excluded = [excluded[int(position)] for position in chunk]
                 widest = max(len(positions) for positions in chunk_excluded)
@@ -224,6 +232,8 @@ def write_panels(
     batch_size: int = DEFAULT_BATCH_SIZE,
     overwrite: bool = False,
     progress: bool = False,
+    engine: str = "local",
+    ray_config=None,
 ) -> PanelsReport:
     """Computes every item's panel and writes the panels folder atomically.
 
@@ -238,6 +248,9 @@ def write_panels(
         batch_size: items per FAISS search.
         overwrite: replace an existing folder at ``out`` (after the new one is complete).
         progress: show a tqdm bar.
+        engine: ``local`` (this process) or ``ray`` (shards of the items in Ray tasks,
+            :func:`indexer.ray_engine.compute_panels_ray`; every node must read the bundle).
+        ray_config: the ``recommender.config.RayConfig`` of the ``ray`` engine.
 
     Returns:
         A :class:`PanelsReport`.
@@ -245,6 +258,7 @@ def write_panels(
     Raises:
         PanelsError: ``out`` exists and ``overwrite`` is false.
         QueryError, FilterError, BundleError: as for :func:`compute_panels`.
+        RayEngineError: the ``ray`` engine cannot start or a task failed.
         StorageError: the disk filled up while writing (nothing is left at ``out``).
     """
     from recommender.files import storage_errors
@@ -263,7 +277,20 @@ def write_panels(
     pa.array([""], type=pa.string())
 
     started = time.perf_counter()
-    positions, neighbors, distances = compute_panels(bundle, k, per_column, batch_size=batch_size, progress=progress)
+    if engine == "ray":
+        from indexer.ray_engine import compute_panels_ray
+        from recommender.config import RayConfig
+
+        compute_panels(bundle, k, per_column, items=np.empty(0, np.int64))  # a bad --per fails here, not in a task
+        positions, neighbors, distances = compute_panels_ray(
+            bundle.path, k, per_column, batch_size=batch_size, config=ray_config or RayConfig()
+        )
+    elif engine == "local":
+        positions, neighbors, distances = compute_panels(
+            bundle, k, per_column, batch_size=batch_size, progress=progress
+        )
+    else:
+        raise ValueError(f"engine must be local or ray, got {engine!r}")
     with storage_errors(out):
         manifest = _write_folder(out, bundle, manifest_sha256, k, per_column, positions, neighbors, distances)
     seconds = time.perf_counter() - started

@@ -343,6 +343,60 @@ def build_index_ray(vectors: np.ndarray, kind: str, config: RayConfig = RayConfi
     return index, shards
 
 
+def _panels_shard(bundle: str, k: int, per_column: str | None, batch_size: int, items: np.ndarray):
+    """One Ray task of :func:`compute_panels_ray`: the panels of ``items`` (the bundle read here)."""
+    from indexer.panels import compute_panels
+
+    positions, neighbors, distances = compute_panels(bundle, k, per_column, batch_size=batch_size, items=items)
+    return np.asarray(positions, dtype=np.int64), neighbors, distances
+
+
+def compute_panels_ray(
+    bundle, k: int, per_column: str | None = None, *, batch_size: int = 1024, config: RayConfig = RayConfig()
+):
+    """``indexer.panels.compute_panels`` with the items split over Ray tasks, one per cluster CPU.
+
+    Each task reads the bundle from its path (without the model: catalog rows, index,
+    attributes) and searches its contiguous share of the items; the driver joins the shares in
+    catalog order. The answers are the local job's.
+
+    Returns:
+        As ``compute_panels``.
+
+    Raises:
+        RayEngineError: Ray cannot start, or a task failed.
+        RecommenderError: a task's own typed error (a bundle that does not verify on a node).
+    """
+    from pathlib import Path
+
+    from recommender.bundle import verify_bundle
+
+    bundle = str(Path(bundle).resolve())
+    size = verify_bundle(bundle).counts.items
+    with ray_session(config) as ray:
+        shards = max(1, min(size, int(ray.cluster_resources().get("CPU", 1))))
+        remote = ray.remote(num_cpus=1, max_retries=3)(_panels_shard)
+        bounds = np.linspace(0, size, shards + 1).astype(np.int64)
+        pending = [
+            remote.remote(bundle, k, per_column, batch_size, np.arange(start, end, dtype=np.int64))
+            for start, end in zip(bounds[:-1], bounds[1:])
+            if end > start
+        ]
+        log.info("panels of %d items in %d Ray task(s)", size, len(pending))
+        try:
+            parts = ray.get(pending)
+        except ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, RecommenderError):
+                raise cause from None
+            raise RayEngineError(f"a panels task failed on Ray: {str(error).splitlines()[0]}") from None
+    positions = np.concatenate([part[0] for part in parts])
+    order = np.argsort(positions, kind="stable")
+    neighbors = np.concatenate([part[1] for part in parts])[order]
+    distances = np.concatenate([part[2] for part in parts])[order]
+    return positions[order].tolist(), neighbors, distances
+
+
 def ray_available() -> bool:
     """Whether ``ray[data]`` can be imported here."""
     try:

@@ -52,11 +52,35 @@ def main(catalog: str, out: str) -> int:
     step("ray build again")
     again_config = replace(ray_config, index_kind="ivf-sq8")
     reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", again_config).to_json()
+    step("panels on ray")
+    reports["panels"] = panels_on_ray(out_path / "local", ray.get_runtime_context().gcs_address)
     step("killed driver")
     reports["killed-driver"] = killed_driver(catalog, out_path, ray_config, ray.get_runtime_context().gcs_address)
     (out_path / "reports.json").write_text(json.dumps(reports, default=str))
     ray.shutdown()
     return 0
+
+
+def panels_on_ray(bundle: Path, address: str) -> dict:
+    """``recommender panels --engine ray`` (a CLI run joining this Ray) against the local job, per colour."""
+    import subprocess
+
+    from indexer.panels import compute_panels
+
+    out = bundle.with_name("panels-ray")
+    command = [sys.executable, "-m", "recommender", "panels", "--bundle", str(bundle), "--out", str(out)]
+    command += ["--per", "colour", "--engine", "ray", "--ray-address", address, "--batch-size", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    positions, neighbors, distances = compute_panels(bundle, 6, "colour")
+    ids = [json.loads(line)["id"] for line in (bundle / "catalog.jsonl").read_text().splitlines()]
+    local = [
+        {"id": ids[p], "neighbors": [ids[n] for n in row if n >= 0], "distances": [float(d) for d in dist if d < 1e30]}
+        for p, row, dist in zip(positions, neighbors, distances)
+    ]
+    on_ray = (
+        [json.loads(line) for line in (out / "panels.jsonl").read_text().splitlines()] if done.returncode == 0 else []
+    )
+    return {"returncode": done.returncode, "stderr": done.stderr[-3000:], "local": local, "ray": on_ray}
 
 
 def killed_driver(catalog: str, out: Path, config, address: str) -> dict:

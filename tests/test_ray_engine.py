@@ -131,6 +131,18 @@ def test_an_ivf_index_added_in_ray_shard_tasks_answers_like_the_local_exact_inde
         assert np.allclose(found, expected, rtol=2e-3, atol=2e-3), row.id
 
 
+def test_panels_on_ray_tasks_equal_the_local_job(ray_builds):
+    """``recommender panels --engine ray --per colour`` joined the job's Ray: the local job's answers."""
+    _, reports, total = ray_builds
+    panels = reports["panels"]
+    assert panels["returncode"] == 0, panels["stderr"]
+    assert f"panels of {total - 1} items" in panels["stderr"]
+    assert [line["id"] for line in panels["ray"]] == [line["id"] for line in panels["local"]]
+    for mine, theirs in zip(panels["ray"], panels["local"]):
+        assert [n["id"] for n in mine["neighbors"]] == theirs["neighbors"]
+        assert np.allclose([n["distance"] for n in mine["neighbors"]], theirs["distances"], atol=1e-5)
+
+
 def test_a_killed_driver_leaves_current_valid_and_the_rerun_reuses_stored_parts(ray_builds):
     _, reports, _ = ray_builds
     killed = reports["killed-driver"]

@@ -43,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=_count, default=DEFAULT_BATCH_SIZE, help="items per index search (default: %(default)s)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing panels folder at --out")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: search in this process; ray: the items split over Ray tasks, one per cluster CPU "
+        "(every node must read the bundle) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto, HOST:PORT or ray://HOST:10001); default: a private local Ray for the job",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +67,12 @@ def run(args: argparse.Namespace) -> int:
         0 (errors are raised as :class:`recommender.errors.RecommenderError`).
     """
     from indexer.panels import write_panels
+    from recommender.config import RayConfig
 
+    if args.engine == "ray" and args.ray_address:
+        from indexer.ray_engine import check_reachable
+
+        check_reachable(args.ray_address)
     report = write_panels(
         args.bundle,
         args.out,
@@ -64,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
+        engine=args.engine,
+        ray_config=RayConfig(address=args.ray_address),
     )
     per = f" within each item's {report.per_column}" if report.per_column else ""
     left_out = f"; {report.items_without_value} without a {report.per_column} left out" if report.per_column else ""
