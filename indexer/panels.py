@@ -385,7 +385,13 @@ def _write_folder(out: Path, bundle: _Bundle, manifest_sha256, k, per_column, po
 
 
 def write_published_panels(
-    root: str | os.PathLike, summary: dict, k: int = DEFAULT_K, per_column: str | None = None
+    root: str | os.PathLike,
+    summary: dict,
+    k: int = DEFAULT_K,
+    per_column: str | None = None,
+    *,
+    engine: str = "local",
+    ray_config=None,
 ) -> dict:
     """The nightly job's panels step: panels of the bundle a rebuild left published.
 
@@ -399,6 +405,8 @@ def write_published_panels(
         summary: what ``indexer.rebuild.rebuild`` returned.
         k: neighbours per item.
         per_column: as for :func:`write_panels`.
+        engine: ``local`` or ``ray`` (the run's own ``--engine``), as for :func:`write_panels`.
+        ray_config: the run's ``RayConfig``.
 
     Returns:
         ``{"state": "written" | "kept" | "failed" | "skipped", ...}``: ``path``, ``items``,
@@ -418,7 +426,7 @@ def write_published_panels(
     if out.exists():
         return {"state": "kept", "path": str(out)}
     try:
-        report = write_panels(root / "bundles" / bundle_id, out, k, per_column)
+        report = write_panels(root / "bundles" / bundle_id, out, k, per_column, engine=engine, ray_config=ray_config)
     except (RecommenderError, OSError) as error:
         log.error("panels of bundle %s not written (the bundle stays published): %s", bundle_id, error)
         return {"state": "failed", "path": str(out), "reason": f"{type(error).__name__}: {error}"}

@@ -144,7 +144,8 @@ def killed_driver(catalog: str, out: Path, config, address: str) -> dict:
         "stderr_tail": "".join(seen[-20:]),
     }
     step("rerun")
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # The rerun also writes the published bundle's panels, in Ray tasks (the run's --engine ray).
+    again = subprocess.run([*command, "--panels"], capture_output=True, text=True, timeout=600)
     return {
         "first": first,
         "after_kill": after_kill,

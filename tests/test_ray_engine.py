@@ -155,6 +155,11 @@ def test_a_killed_driver_leaves_current_valid_and_the_rerun_reuses_stored_parts(
     rerun = killed["rerun"]
     assert rerun["state"] == "published" and rerun["counts"]["added"] == killed["new_photos"]
     assert rerun["counts"]["extracted"] < killed["new_photos"]  # the photos stored before the kill are reused
+    from recommender.panels import verify_panels
+
+    assert rerun["panels"]["state"] == "written", rerun["panels"]
+    panels = verify_panels(Path(rerun["panels"]["path"]))  # computed in Ray tasks (the run's --engine ray)
+    assert panels.bundle_id == rerun["bundle_id"] and panels.items == rerun["panels"]["items"] > killed["new_photos"]
 
 
 def test_an_unreachable_cluster_is_one_clear_error_at_once(generated_catalog, tmp_path):

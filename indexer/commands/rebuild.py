@@ -80,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         max_accuracy_drop=args.max_accuracy_drop,
     )
+    build_config = build_config_from_args(args)
     try:
-        summary = rebuild(args.catalog, args.root, build_config_from_args(args), config, progress=sys.stderr.isatty())
+        summary = rebuild(args.catalog, args.root, build_config, config, progress=sys.stderr.isatty())
     except GateError as error:
         print(f"error: validation gate refused the new bundle: {error}; current bundle unchanged", file=sys.stderr)
         return 1
     if args.panels:
-        add_panels(args.root, summary, args.panels_k, args.panels_per)
+        add_panels(args.root, summary, args.panels_k, args.panels_per, build_config)
     for line in summary_lines(summary):
         print(line, file=sys.stderr)
     if "panels" in summary:
@@ -98,18 +99,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_panels(root: Path, summary: dict, k: int, per_column: str | None) -> None:
+def add_panels(root: Path, summary: dict, k: int, per_column: str | None, build_config=None) -> None:
     """Writes the published bundle's panels after the run and records the outcome in its summary.
 
     Runs after ``rebuild`` returned (the job lock released, ``current`` already swapped): the
     bundle is published whatever happens here. The outcome goes into ``summary["panels"]`` and
-    into the run's log file (``ROOT/runs/<run id>.json``).
+    into the run's log file (``ROOT/runs/<run id>.json``). With ``--engine ray`` (the build
+    config's engine) the panels are computed in Ray tasks too.
     """
     from indexer.artifacts import ArtifactRoot
     from indexer.panels import write_published_panels
     from recommender.files import atomic_write_json
 
-    summary["panels"] = write_published_panels(root, summary, k, per_column)
+    engine = build_config.engine if build_config is not None else "local"
+    ray_config = build_config.ray if build_config is not None else None
+    summary["panels"] = write_published_panels(root, summary, k, per_column, engine=engine, ray_config=ray_config)
     run_log = ArtifactRoot(root).runs / f"{summary['run_id']}.json"
     if run_log.is_file():
         atomic_write_json(run_log, summary, default=str)
