@@ -40,7 +40,14 @@ from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.feature_parts import PartFeatureStore, open_feature_store, parts_store_path
 from recommender.features import ExtractionResult, extract_features, progress_bar
-from recommender.index import IVF_KINDS, VectorIndex, choose_kind, measure_recall, rerank_bytes_per_vector
+from recommender.index import (
+    EMBEDDINGS_FILE,
+    IVF_KINDS,
+    VectorIndex,
+    choose_kind,
+    measure_recall,
+    rerank_bytes_per_vector,
+)
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.manifest import CatalogRecord
 from recommender.scalers import fit_scaler, scaler_arrays, transform
@@ -403,8 +410,6 @@ def build_bundle(
 
 def index_record(index: VectorIndex, recall: float, queries: int) -> dict:
     """The manifest's ``index`` of a built index (``recommender.manifest.IndexRecord``)."""
-    from recommender.index import EMBEDDINGS_FILE
-
     return {
         "kind": index.kind,
         "size": index.size,

@@ -39,13 +39,13 @@ import math
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from recommender.errors import BundleError, IndexBuildError, QueryError
-from recommender.files import NO_SPACE_ERRNOS, storage_error
+from recommender.files import NO_SPACE_ERRNOS, storage_error, storage_errors
 from recommender.manifest import IndexParameters
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ OPQ_KMEANS_ITERATIONS = 2
 #: Candidates per wanted neighbour that an IVF kind re-ranks exactly (``k' = factor * k``).
 RERANK_FACTOR = {"ivf-sq8": 4, "ivf-pq": 16}
 #: Share of the inverted lists scanned per query (``nprobe = nlist * share``, at least
-#: :data:`MIN_NPROBE`); see README "Index kinds" for the recall and latency it buys.
+#: :data:`MIN_NPROBE`); see README "Compressed indexes" for the recall and latency it buys.
 NPROBE_SHARE = 1 / 48
 MIN_NPROBE = 16
 
@@ -367,13 +367,18 @@ def build_sharded(
 
     index, parameters = train_ivf(vectors, kind)
     trained = faiss.serialize_index(index)
-    bounds = np.linspace(0, len(vectors), max(1, shards) + 1).astype(int)
-    starts = [int(start) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
-    ends = [int(end) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
-    pieces = map_shards(add_shard, [trained] * len(starts), [vectors[s:e] for s, e in zip(starts, ends)], starts)
+    ranges = contiguous_ranges(len(vectors), shards)
+    starts = [start for start, _ in ranges]
+    pieces = map_shards(add_shard, [trained] * len(ranges), [vectors[start:end] for start, end in ranges], starts)
     merged = merge_shards(pieces)
     faiss.extract_index_ivf(merged).nprobe = parameters.nprobe
     return VectorIndex(merged, kind, parameters=parameters, embeddings=vectors.astype(np.float16), use_gpu=False)
+
+
+def contiguous_ranges(count: int, parts: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of up to ``parts`` non-empty, near-equal, consecutive ranges covering ``0 .. count``."""
+    bounds = np.linspace(0, count, max(1, parts) + 1).astype(np.int64)
+    return [(int(start), int(end)) for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
 
 
 def _add_in_chunks(index, vectors: np.ndarray, start: int) -> None:
@@ -439,9 +444,7 @@ class VectorIndex:
             self._ivf = faiss.extract_index_ivf(index)
             self.nprobe = self._ivf.nprobe
             self.rerank_factor = self.parameters.rerank_factor or RERANK_FACTOR[kind]
-            self.parameters = IndexParameters(
-                **{**self.parameters.__dict__, "nprobe": self.nprobe, "rerank_factor": self.rerank_factor}
-            )
+            self.parameters = replace(self.parameters, nprobe=self.nprobe, rerank_factor=self.rerank_factor)
             self._flat_vectors = None
         else:
             # Filtered exact scans search the flat vectors with an ID selector: the index itself
@@ -464,15 +467,13 @@ class VectorIndex:
         kind: str = "auto",
         *,
         use_gpu: bool = True,
-        memory_bytes: int | None = None,
     ) -> VectorIndex:
         """Builds an index over (n, d) float32 vectors.
 
         Args:
             vectors: (n, d) float32, row i becomes FAISS id i.
-            kind: ``auto`` (:func:`choose_kind`) or one of :data:`BUILT_KINDS`.
+            kind: ``auto`` (:func:`choose_kind` without a memory budget) or one of :data:`BUILT_KINDS`.
             use_gpu: move a flat index to the GPU when FAISS sees one.
-            memory_bytes: the resident budget ``auto`` chooses within (None: no limit).
         """
         import faiss
 
@@ -481,7 +482,7 @@ class VectorIndex:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {kind!r}")
         dimension = vectors.shape[1]
         if kind == "auto":
-            kind = choose_kind(len(vectors), memory_bytes, dimension)
+            kind = choose_kind(len(vectors), None, dimension)
         if kind in IVF_KINDS:
             index, parameters = train_ivf(vectors, kind)
             _add_in_chunks(index, vectors, 0)
@@ -692,12 +693,8 @@ class VectorIndex:
             raise
         if self.embeddings is not None:
             target = Path(path).with_name(EMBEDDINGS_FILE)
-            try:
+            with storage_errors(target):
                 np.save(target, np.asarray(self.embeddings), allow_pickle=False)
-            except OSError as error:
-                if error.errno in NO_SPACE_ERRNOS:
-                    raise storage_error(error, target) from None
-                raise
 
     @classmethod
     def load(
@@ -751,11 +748,9 @@ class VectorIndex:
                 f"{embeddings_path}: expected ({index.ntotal}, {index.d}) float16 embeddings for the {kind} index, "
                 f"got {embeddings.dtype} {embeddings.shape}"
             )
-        parameters = parameters or IndexParameters()
-        recorded = _ivf_parameters_of(index, kind)
-        parameters = IndexParameters(
-            **{**recorded.__dict__, **{name: value for name, value in parameters.__dict__.items() if value is not None}}
-        )
+        # What the file says, overridden by what the manifest recorded.
+        recorded = (parameters or IndexParameters()).to_json()
+        parameters = replace(_ivf_parameters_of(index, kind), **recorded)
         faiss.extract_index_ivf(index).nprobe = parameters.nprobe
         return cls(index, kind, parameters=parameters, embeddings=embeddings, use_gpu=False)
 
