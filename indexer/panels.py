@@ -120,6 +120,26 @@ def _open_bundle(source) -> _Bundle:
     return _Bundle(path, manifest.bundle_id, rows, index, attributes, list(space.columns))
 
 
+def checked_bundle(source, k: int, per_column: str | None, batch_size: int) -> _Bundle:
+    """The bundle of a panels job, once its settings are known to be good for it.
+
+    Raises:
+        QueryError: ``k`` out of range; FilterError for ``per_column`` not a label column.
+        ValueError: ``batch_size`` below 1.
+        BundleError: a bundle folder that does not verify.
+    """
+    check_k(k)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    bundle = _open_bundle(source)
+    if per_column is not None and per_column not in bundle.label_columns:
+        raise FilterError(
+            f"--per column {per_column!r} is not a label column of bundle {bundle.bundle_id} "
+            f"(label columns: {', '.join(bundle.label_columns)})"
+        )
+    return bundle
+
+
 def compute_panels(
     source,
     k: int = DEFAULT_K,
@@ -153,15 +173,7 @@ def compute_panels(
 
     from recommender.index import SearchResult, VectorIndex, drop_excluded
 
-    check_k(k)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    bundle = _open_bundle(source)
-    if per_column is not None and per_column not in bundle.label_columns:
-        raise FilterError(
-            f"--per column {per_column!r} is not a label column of bundle {bundle.bundle_id} "
-            f"(label columns: {', '.join(bundle.label_columns)})"
-        )
+    bundle = checked_bundle(source, k, per_column, batch_size)
     size = len(bundle.rows)
     by_hash = same_photo_positions(bundle.rows)
     excluded = [by_hash.get(row.sha256, [position]) for position, row in enumerate(bundle.rows)]
@@ -281,9 +293,8 @@ def write_panels(
         from indexer.ray_engine import compute_panels_ray
         from recommender.config import RayConfig
 
-        compute_panels(bundle, k, per_column, items=np.empty(0, np.int64))  # a bad --per fails here, not in a task
         positions, neighbors, distances = compute_panels_ray(
-            bundle.path, k, per_column, batch_size=batch_size, config=ray_config or RayConfig()
+            bundle, k, per_column, batch_size=batch_size, config=ray_config or RayConfig()
         )
     elif engine == "local":
         positions, neighbors, distances = compute_panels(

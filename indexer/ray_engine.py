@@ -266,10 +266,7 @@ def extract_features_ray(
                             errors[str(digest)] = str(error)
                     checkpoint("ray-results")  # parts of finished batches stored: a driver killed here loses none
             except Exception as error:  # Ray wraps the actor's exception in its own types
-                cause = getattr(error, "cause", None) or error
-                if isinstance(cause, RecommenderError):
-                    raise cause from None  # a bad backbone or store on a node: the typed error itself
-                raise RayEngineError(f"the Ray extraction job failed: {str(error).splitlines()[0]}") from None
+                raise ray_failure(error, "the Ray extraction job failed") from None
         store.refresh()
     keep = []
     for row, digest in zip(rows, hashes):
@@ -339,7 +336,7 @@ def build_index_ray(vectors: np.ndarray, kind: str, config: RayConfig = RayConfi
         try:
             index = build_sharded(vectors, kind, shards, map_shards=run_on_ray)
         except ray.exceptions.RayError as error:
-            raise RayEngineError(f"an index shard task failed on Ray: {str(error).splitlines()[0]}") from None
+            raise ray_failure(error, "an index shard task failed on Ray") from None
     return index, shards
 
 
@@ -352,49 +349,56 @@ def _panels_shard(bundle: str, k: int, per_column: str | None, batch_size: int, 
 
 
 def compute_panels_ray(
-    bundle, k: int, per_column: str | None = None, *, batch_size: int = 1024, config: RayConfig = RayConfig()
+    source, k: int, per_column: str | None = None, *, batch_size: int = 1024, config: RayConfig = RayConfig()
 ):
     """``indexer.panels.compute_panels`` with the items split over Ray tasks, one per cluster CPU.
 
+    The settings are checked here first (a bad ``per_column`` fails before any task starts).
     Each task reads the bundle from its path (without the model: catalog rows, index,
-    attributes) and searches its contiguous share of the items; the driver joins the shares in
-    catalog order. The answers are the local job's.
+    attributes) and searches its contiguous share of the items; the shares, each in catalog
+    order, are joined in range order. The answers are the local job's.
+
+    Args:
+        source: a bundle folder, or a bundle the panels job already opened.
 
     Returns:
         As ``compute_panels``.
 
     Raises:
         RayEngineError: Ray cannot start, or a task failed.
-        RecommenderError: a task's own typed error (a bundle that does not verify on a node).
+        RecommenderError: the settings or the bundle are wrong, or a task's own typed error (a
+            bundle that does not verify on a node).
     """
-    from pathlib import Path
+    from indexer.panels import checked_bundle
+    from recommender.index import contiguous_ranges
 
-    from recommender.bundle import verify_bundle
-
-    bundle = str(Path(bundle).resolve())
-    size = verify_bundle(bundle).counts.items
+    bundle = checked_bundle(source, k, per_column, batch_size)
+    path, size = str(bundle.path), len(bundle.rows)
     with ray_session(config) as ray:
-        shards = max(1, min(size, int(ray.cluster_resources().get("CPU", 1))))
         remote = ray.remote(num_cpus=1, max_retries=3)(_panels_shard)
-        bounds = np.linspace(0, size, shards + 1).astype(np.int64)
+        ranges = contiguous_ranges(size, int(ray.cluster_resources().get("CPU", 1)))
         pending = [
-            remote.remote(bundle, k, per_column, batch_size, np.arange(start, end, dtype=np.int64))
-            for start, end in zip(bounds[:-1], bounds[1:])
-            if end > start
+            remote.remote(path, k, per_column, batch_size, np.arange(start, end, dtype=np.int64))
+            for start, end in ranges
         ]
         log.info("panels of %d items in %d Ray task(s)", size, len(pending))
         try:
             parts = ray.get(pending)
         except ray.exceptions.RayError as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, RecommenderError):
-                raise cause from None
-            raise RayEngineError(f"a panels task failed on Ray: {str(error).splitlines()[0]}") from None
+            raise ray_failure(error, "a panels task failed on Ray") from None
     positions = np.concatenate([part[0] for part in parts])
-    order = np.argsort(positions, kind="stable")
-    neighbors = np.concatenate([part[1] for part in parts])[order]
-    distances = np.concatenate([part[2] for part in parts])[order]
-    return positions[order].tolist(), neighbors, distances
+    neighbors = np.concatenate([part[1] for part in parts])
+    distances = np.concatenate([part[2] for part in parts])
+    return positions.tolist(), neighbors, distances
+
+
+def ray_failure(error: Exception, what: str) -> RecommenderError:
+    """The error a failed Ray job raises: the task's or actor's own typed error where it is
+    one of ours (Ray wraps it, ``error.cause``), else a :class:`RayEngineError` saying ``what``."""
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, RecommenderError):
+        return cause
+    return RayEngineError(f"{what}: {str(error).splitlines()[0]}")
 
 
 def ray_available() -> bool:
