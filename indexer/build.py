@@ -7,6 +7,7 @@ catalog rows -> load_image (uint8) -> backbone (n, d) float32, cached in the fea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,11 +36,11 @@ from recommender.catalog import (
     read_catalog,
 )
 from recommender.checkpoints import checkpoint
-from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier
+from recommender.classifier import ClassifierRunner, TrainedClassifier, train_classifier, training_sample
 from recommender.config import BuildConfig
 from recommender.errors import BundleError, CatalogError, TrainingError
 from recommender.feature_parts import PartFeatureStore, open_feature_store, parts_store_path
-from recommender.features import ExtractionResult, extract_features, progress_bar
+from recommender.features import ExtractionResult, StoredFeatures, extract_features, progress_bar, take_rows
 from recommender.index import (
     EMBEDDINGS_FILE,
     IVF_KINDS,
@@ -50,7 +51,7 @@ from recommender.index import (
 )
 from recommender.labels import LabelSpace, Taxonomy, primary_column_of
 from recommender.manifest import CatalogRecord
-from recommender.scalers import fit_scaler, scaler_arrays, transform
+from recommender.scalers import fit_scaler, scaler_arrays, transform_in_place
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ class BuildReport:
     """What a build did, for the CLI summary and the bundle's ``build_report.json``.
 
     ``index_shards``: how many parts the index was added in (Ray tasks with ``--engine ray``
-    and an IVF kind; 1 otherwise).
+    and an IVF kind; 1 otherwise). ``train_rows``: the rows the classifier trained on (fewer
+    than ``items`` above ``--train-sample``; 0 when a trained classifier was reused).
     """
 
     bundle: str
@@ -79,6 +81,7 @@ class BuildReport:
     metrics: dict = field(default_factory=dict)
     self_retrieval: float = 0.0
     index_shards: int = 1
+    train_rows: int = 0
 
     def to_json(self) -> dict:
         """JSON-ready form."""
@@ -235,6 +238,16 @@ def apply_taxonomy(
     return extraction.subset([i for i in range(len(extraction.rows)) if i not in dropped]), taxonomy, bad
 
 
+def engine_session(config: BuildConfig):
+    """The context a job's engine needs: one Ray session (joined or started) for every Ray
+    step of the job with ``--engine ray`` (extraction, embedding, index shards), else nothing."""
+    if config.engine != "ray":
+        return contextlib.nullcontext()
+    from indexer.ray_engine import ray_session
+
+    return ray_session(config.ray)
+
+
 def build_bundle(
     catalog: str | Path | Catalog | PreparedCatalog,
     out: str | Path,
@@ -268,6 +281,15 @@ def build_bundle(
         TrainingError: too few examples per class, or labels a reused classifier never saw.
         BundleError: ``out`` exists.
     """
+    with engine_session(config):
+        return _build_bundle(
+            catalog, out, config, overwrite=overwrite, progress=progress, classifier=classifier, bundle_id=bundle_id
+        )
+
+
+def _build_bundle(
+    catalog, out, config: BuildConfig, *, overwrite: bool, progress: bool, classifier, bundle_id
+) -> BuildReport:
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -294,15 +316,23 @@ def build_bundle(
             tags_separator=config.tags_separator,
             threshold_mode=config.tag_threshold_mode,
         )
+        sample = training_sample(labels, space.primary_column, config.train_sample, config.train.seed, tags)
+        if sample is not None:
+            log.info(
+                "training on a stratified sample of %d of %d rows (--train-sample)", len(sample), len(extraction.rows)
+            )
+        positions = sample if sample is not None else np.arange(len(extraction.rows))
+        use_flipped = config.train.flip_augment and extraction.flipped is not None
         trained = train_classifier(
-            extraction.features,
-            labels,
+            take_rows(extraction.features, positions),
+            {column: [values[i] for i in positions] for column, values in labels.items()},
             config.train,
-            flipped=extraction.flipped,
+            flipped=take_rows(extraction.flipped, positions) if use_flipped else None,
             space=space,
-            tags=tags,
+            tags=[tags[i] for i in positions] if tags is not None else None,
             progress=progress,
         )
+        train_rows = len(positions)
     else:
         # No silent mislabels: every label, path and tag must be one the classifier predicts.
         reuse = check_reuse(classifier.label_space, prepared)
@@ -315,14 +345,22 @@ def build_bundle(
                 f"{extraction.rows[position].id!r}: {reason}); leave them out (drop_unknown_labels) or retrain"
             )
         trained = classifier
+        train_rows = 0
     timings["train"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    runner = ClassifierRunner(trained.model, trained.input_scaler, [head.name for head in trained.label_space.heads])
     use_flips = config.flip_average and extraction.flipped is not None
-    raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
+    if isinstance(extraction.features, StoredFeatures):  # the Ray engine: features stay in the store
+        from indexer.ray_engine import embed_ray
+
+        raw_embeddings = embed_ray(trained, extraction.features, use_flips, config.ray)
+    else:
+        runner = ClassifierRunner(
+            trained.model, trained.input_scaler, [head.name for head in trained.label_space.heads]
+        )
+        raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
     embedding_scaler = fit_scaler(raw_embeddings)
-    embeddings = transform(embedding_scaler, raw_embeddings)
+    embeddings = transform_in_place(embedding_scaler, raw_embeddings)  # 2 KB a row: no second copy
     kind = config.index_kind
     if kind == "auto":
         kind = choose_kind(len(embeddings), config.index_memory_bytes, embeddings.shape[1])
@@ -352,6 +390,7 @@ def build_bundle(
         metrics=trained.metrics,
         self_retrieval=self_retrieval,
         index_shards=shards,
+        train_rows=train_rows,
     )
 
     def fill(folder: Path) -> dict:

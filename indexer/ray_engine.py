@@ -41,7 +41,7 @@ from recommender.checkpoints import checkpoint
 from recommender.config import RayConfig
 from recommender.errors import BackboneError, FeatureStoreError, InvalidImageError, RayEngineError, RecommenderError
 from recommender.feature_parts import PartFeatureStore, PartWriter
-from recommender.features import ExtractionResult, hash_rows
+from recommender.features import ExtractionResult, StoredFeatures, hash_rows
 
 log = logging.getLogger(__name__)
 
@@ -275,22 +275,156 @@ def extract_features_ray(
         else:
             keep.append((row, digest))
     out_hashes = [digest for _, digest in keep]
-    matrices = {
-        view: store.get(out_hashes, view) if keep else np.empty((0, backbone.feature_dim), np.float32) for view in views
-    }
     if todo:
         store.compact()
     for view in views:
-        if not np.isfinite(matrices[view]).all():
-            raise FeatureStoreError(f"the backbone gave non-finite (NaN or inf) {view} features; check its weights")
+        lacking = store.missing(out_hashes, view)
+        if lacking.any():  # compaction drops non-finite rows; an actor refuses to write them
+            first = out_hashes[int(np.flatnonzero(lacking)[0])]
+            raise FeatureStoreError(f"no stored {view} features for image {first[:12]} after extraction")
     return ExtractionResult(
         rows=[row for row, _ in keep],
         hashes=out_hashes,
-        features=matrices["original"],
-        flipped=matrices.get("flipped"),
+        features=StoredFeatures(store, out_hashes, "original"),
+        flipped=StoredFeatures(store, out_hashes, "flipped") if flips else None,
         bad_rows=bad_rows,
         extracted=len(todo) - len(errors),
     )
+
+
+class EmbeddingActor:
+    """One Ray actor: loads the trained classifier once, then embeds chunks of stored features.
+
+    Args:
+        model_bytes: the classifier as a ``.keras`` file's bytes (no shared file system needed).
+        scaler: the input scaler's arrays (``recommender.scalers.scaler_arrays(..., "input")``).
+        head_names: the model's head outputs.
+        store_path, backbone_key, feature_dim: the part-file store the features are read from.
+        flip_average: embed as the mean of both views (reads the flipped view too).
+    """
+
+    def __init__(
+        self,
+        model_bytes: bytes,
+        scaler: dict,
+        head_names: list[str],
+        store_path: str,
+        backbone_key: str,
+        feature_dim: int,
+        flip_average: bool,
+    ):
+        import tempfile
+        from pathlib import Path
+
+        import keras
+
+        from recommender.classifier import ClassifierRunner
+        from recommender.scalers import scaler_from_arrays
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.keras"
+            path.write_bytes(model_bytes)
+            model = keras.saving.load_model(path, compile=False)
+        self.runner = ClassifierRunner(model, scaler_from_arrays(scaler, "input"), head_names)
+        self.store = PartFeatureStore(store_path, backbone_key, feature_dim)
+        self.flip_average = flip_average
+
+    def __call__(self, chunks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each input row is one chunk (``positions``, ``sha256s``); returns ``position`` and
+        its (n, 512) float32 raw ``embedding`` (before the embedding scaler)."""
+        positions, embeddings = [], []
+        for chunk_positions, digests in zip(chunks["positions"], chunks["sha256s"]):
+            digests = [str(d) for d in digests]
+            features = self.store.get(digests, "original")
+            flipped = self.store.get(digests, "flipped") if self.flip_average else None
+            embedded, _ = self.runner.run(features, flipped)
+            positions.append(np.asarray(chunk_positions, np.int64))
+            embeddings.append(embedded)
+        return {"position": np.concatenate(positions), "embedding": np.concatenate(embeddings)}
+
+
+#: Photos per embedding-actor call: one compiled call of ``ClassifierRunner`` with both views.
+EMBED_CHUNK = 2048
+
+
+def embed_ray(trained, features: StoredFeatures, flip_average: bool, config: RayConfig = RayConfig()) -> np.ndarray:
+    """The classifier's raw embedding of every stored row, computed in Ray Data actors.
+
+    The driver sends the model and the row hashes; each actor reads its chunks' features
+    from the part store (chunks grouped by the part file that holds them) and sends back
+    (chunk, 512) float32 embeddings, so the driver holds 2 KB a photo, never its 8-16 KB
+    of features.
+
+    Args:
+        trained: the ``TrainedClassifier``.
+        features: the rows' original-view features in the part store.
+        flip_average: average with the flipped view (stored for every row).
+        config: the cluster and actor settings.
+
+    Returns:
+        (n, 512) float32 raw embeddings in row order, as ``ClassifierRunner.run`` gives them
+        (equal within float rounding: the batches differ).
+
+    Raises:
+        RayEngineError: Ray cannot start, or an actor failed.
+        FeatureStoreError: stored features are missing or not finite (an actor's error).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from recommender.classifier import EMBEDDING_LAYER
+    from recommender.scalers import scaler_arrays
+
+    store = features.store
+    width = int(trained.model.get_layer(EMBEDDING_LAYER).units)
+    out = np.zeros((len(features), width), np.float32)
+    if not len(features):
+        return out
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        trained.model.save(path)
+        model_bytes = path.read_bytes()
+    order = store.part_order(features.digests, "original")
+    items = [
+        {"positions": order[i : i + EMBED_CHUNK], "sha256s": [features.digests[j] for j in order[i : i + EMBED_CHUNK]]}
+        for i in range(0, len(order), EMBED_CHUNK)
+    ]
+    done = np.zeros(len(features), bool)
+    with ray_session(config) as ray:
+        import ray.data
+
+        actors, gpus_per_actor = actor_plan(ray, config)
+        log.info("embedding %d rows in %d Ray actor(s)", len(features), min(actors, len(items)))
+        dataset = ray.data.from_items(items, override_num_blocks=min(len(items), 200))
+        results = dataset.map_batches(
+            EmbeddingActor,
+            fn_constructor_kwargs={
+                "model_bytes": model_bytes,
+                "scaler": {
+                    key: np.asarray(value) for key, value in scaler_arrays(trained.input_scaler, "input").items()
+                },
+                "head_names": [head.name for head in trained.label_space.heads],
+                "store_path": str(store.path),
+                "backbone_key": store.backbone_key,
+                "feature_dim": int(store.feature_dim),
+                "flip_average": flip_average,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items)))),
+            num_gpus=gpus_per_actor,
+            num_cpus=1,
+        )
+        try:
+            for batch in results.iter_batches(batch_format="numpy", batch_size=None):
+                rows = np.asarray(batch["position"], np.int64)
+                out[rows] = np.asarray(batch["embedding"], np.float32)
+                done[rows] = True
+        except Exception as error:  # Ray wraps the actor's exception in its own types
+            raise ray_failure(error, "the Ray embedding job failed") from None
+    if not done.all():
+        raise RayEngineError(f"the Ray embedding job returned {int(done.sum())} of {len(done)} rows")
+    return out
 
 
 #: Most vectors one index-shard task adds (float32 copies of a shard live in the object store

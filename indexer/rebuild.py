@@ -13,6 +13,7 @@ logs, rollback, status) is :mod:`indexer.artifacts`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -273,13 +274,20 @@ def rebuild(
             ``current`` untouched).
         CatalogError, TrainingError, ...: as for a build; ``current`` untouched.
     """
-    from indexer.build import build_bundle, check_reuse, drop_unknown_labels, load_catalog, prepare_catalog
+    from indexer.build import (
+        build_bundle,
+        check_reuse,
+        drop_unknown_labels,
+        engine_session,
+        load_catalog,
+        prepare_catalog,
+    )
 
     if config.retrain not in RETRAIN_POLICIES:
         raise ValueError(f"retrain must be one of {RETRAIN_POLICIES}")
     artifacts = ArtifactRoot(root)
     build_config = replace(build_config, feature_store=artifacts.feature_store)
-    with job_lock(artifacts):
+    with job_lock(artifacts), contextlib.ExitStack() as engine:
         run = RunLog(artifacts)
         try:
             leftovers = artifacts.remove_leftovers()
@@ -309,6 +317,7 @@ def rebuild(
                         backbone_loaded=False,
                         message="nothing changed; current bundle kept",
                     )
+            engine.enter_context(engine_session(build_config))  # one Ray session from here to the bundle
             prepared = prepare_catalog(catalog, build_config, progress=progress)
 
             def tally(prepared):

@@ -230,6 +230,76 @@ def stratified_split(labels: list[str], validation_fraction: float, seed: int) -
     return np.sort(np.concatenate([train, positions[~splittable]])), np.sort(validation)
 
 
+#: Rows every class (and every value of the other label columns, and every tag) keeps in a
+#: training sample when it has them: the long tail is kept whole, the big classes are thinned.
+SAMPLE_FLOOR = 20
+
+
+def training_sample(
+    labels: dict[str, list[str]],
+    primary: str,
+    limit: int | None,
+    seed: int,
+    tags: list[tuple[str, ...]] | None = None,
+) -> np.ndarray | None:
+    """The catalog positions the classifier trains on when the catalog has more than ``limit`` rows.
+
+    Stratified on the primary column: each class keeps ``min(its rows, SAMPLE_FLOOR)`` rows
+    plus its share of the rest (proportional to its size), so a class of 3 photos is as
+    present as in the whole catalog and a class of 100,000 is thinned. Values of the other
+    label columns and tags that the primary draw missed get up to ``SAMPLE_FLOOR`` of their
+    rows added (every value the label space knows has rows to learn from). The sample can
+    therefore exceed ``limit`` by the floors. Seeded and sorted.
+
+    Args:
+        labels: label column -> n label strings (catalog order).
+        primary: the column to stratify on.
+        limit: the most rows to train on (None or 0: no limit).
+        seed: seeds the draw.
+        tags: per row, its tags, or None.
+
+    Returns:
+        (m,) int64 sorted positions, or None when every row is trained on.
+    """
+    primary_labels = labels[primary]
+    total = len(primary_labels)
+    if not limit or total <= limit:
+        return None
+    rng = np.random.default_rng(seed)
+    by_class = _positions_by_value(primary_labels)
+    floors = {label: min(len(rows), SAMPLE_FLOOR) for label, rows in by_class.items()}
+    spare = max(0, limit - sum(floors.values()))
+    above = sum(len(rows) - floors[label] for label, rows in by_class.items())
+    chosen = np.zeros(total, bool)
+    for label, rows in by_class.items():
+        extra = int(round(spare * (len(rows) - floors[label]) / above)) if above else 0
+        take = min(len(rows), floors[label] + extra)
+        chosen[rng.choice(rows, size=take, replace=False)] = True
+    groups = [_positions_by_value(labels[column]) for column in labels if column != primary]
+    if tags is not None:
+        by_tag: dict[str, list[int]] = {}
+        for position, row_tags in enumerate(tags):
+            for tag in row_tags:
+                by_tag.setdefault(tag, []).append(position)
+        groups.append({tag: np.asarray(rows) for tag, rows in by_tag.items()})
+    for group in groups:
+        for rows in group.values():
+            have = int(chosen[rows].sum())
+            if have < SAMPLE_FLOOR:
+                candidates = rows[~chosen[rows]]
+                want = min(len(candidates), SAMPLE_FLOOR - have)
+                chosen[rng.choice(candidates, size=want, replace=False)] = True
+    return np.flatnonzero(chosen).astype(np.int64)
+
+
+def _positions_by_value(values: list[str]) -> dict[str, np.ndarray]:
+    """Value -> (k,) positions of the rows that have it."""
+    found: dict[str, list[int]] = {}
+    for position, value in enumerate(values):
+        found.setdefault(value, []).append(position)
+    return {value: np.asarray(rows) for value, rows in found.items()}
+
+
 def split_coverage(labels: list[str], validation_index: np.ndarray) -> dict:
     """Over which primary classes the validation metrics are computed.
 

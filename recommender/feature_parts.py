@@ -285,6 +285,19 @@ class PartFeatureStore:
             out[asked] = block
         return out
 
+    def part_order(self, digests: list[str], view: str = "original") -> np.ndarray:
+        """(n,) int64: the positions of ``digests`` grouped by the part file that holds them
+        (stable within a part), so consecutive chunks of it read few files.
+
+        Raises:
+            FeatureStoreError: an image has no stored features for the view.
+        """
+        positions = self._positions(list(digests), view)
+        if (positions < 0).any():
+            first = digests[int(np.flatnonzero(positions < 0)[0])]
+            raise FeatureStoreError(f"no stored {view} features for image {first[:12]}")
+        return np.argsort(self._lookup[view][1][positions], kind="stable").astype(np.int64)
+
     # -- writing -------------------------------------------------------------------------
     def add(self, digests: list[str], features: np.ndarray, view: str = "original") -> None:
         """Stores one batch durably as a new incoming part (atomic: temp + rename).

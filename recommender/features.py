@@ -251,6 +251,52 @@ def _rows_of(digests, pairs) -> str:
     return f"catalog item {', '.join(named[:5])}{more}"
 
 
+class StoredFeatures:
+    """(n, d) float32 features of one view that stay in the feature store until asked for.
+
+    What the Ray engine hands the build instead of a matrix: a catalog of millions of photos
+    has more features (16 KB a photo with both views) than one machine holds, and the build
+    reads only the training sample's rows (:meth:`take`); the embedding actors read their own
+    chunks from the store. ``shape``, ``len`` and :meth:`subset` behave as on an array.
+
+    Args:
+        store: a feature store (HDF5 or parts) that holds every digest for the view.
+        digests: the rows' image sha256s, in row order.
+        view: ``original`` or ``flipped``.
+    """
+
+    def __init__(self, store, digests: list[str], view: str = "original"):
+        self.store = store
+        self.digests = list(digests)
+        self.view = view
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.digests), int(self.store.feature_dim))
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def subset(self, positions) -> StoredFeatures:
+        """The rows at ``positions``, still in the store."""
+        return StoredFeatures(self.store, [self.digests[int(i)] for i in positions], self.view)
+
+    def take(self, positions) -> np.ndarray:
+        """Reads the rows at ``positions``: (len(positions), d) float32.
+
+        Raises:
+            FeatureStoreError: a row is not stored, unreadable or not finite.
+        """
+        return self.store.get([self.digests[int(i)] for i in positions], self.view)
+
+
+def take_rows(features, positions) -> np.ndarray:
+    """``features[positions]`` as a matrix, for an array or :class:`StoredFeatures`."""
+    if isinstance(features, StoredFeatures):
+        return features.take(positions)
+    return features[np.asarray(positions, np.int64)]
+
+
 @dataclass
 class ExtractionResult:
     """Features of the rows that could be read, in catalog order.
@@ -258,16 +304,17 @@ class ExtractionResult:
     Attributes:
         rows: the rows that have features.
         hashes: their image sha256s.
-        features: (n, d) float32 features of the original images.
-        flipped: (n, d) float32 features of the mirrored images, or None.
+        features: (n, d) float32 features of the original images, or (Ray engine)
+            :class:`StoredFeatures` read from the store when needed.
+        flipped: the same of the mirrored images, or None.
         bad_rows: rows whose image could not be read, with reasons.
         extracted: how many images went through the backbone in this run (0 = all cached).
     """
 
     rows: list[CatalogRow]
     hashes: list[str]
-    features: np.ndarray
-    flipped: np.ndarray | None
+    features: np.ndarray | StoredFeatures
+    flipped: np.ndarray | StoredFeatures | None
     bad_rows: list[BadRow]
     extracted: int
 
@@ -277,11 +324,15 @@ class ExtractionResult:
         return ExtractionResult(
             rows=[self.rows[i] for i in positions],
             hashes=[self.hashes[i] for i in positions],
-            features=self.features[index],
-            flipped=None if self.flipped is None else self.flipped[index],
+            features=_subset_rows(self.features, index),
+            flipped=None if self.flipped is None else _subset_rows(self.flipped, index),
             bad_rows=list(self.bad_rows),
             extracted=self.extracted,
         )
+
+
+def _subset_rows(features, index: np.ndarray):
+    return features.subset(index) if isinstance(features, StoredFeatures) else features[index]
 
 
 def hash_rows(rows: list[CatalogRow]) -> tuple[list[CatalogRow], list[str], list[BadRow]]:

@@ -5,7 +5,7 @@
 Starts one local Ray (2 CPUs, 200 MB object store) and builds the catalog three times with the
 tiny bundle's settings: ``OUT/local`` (engine local, HDF5 store), ``OUT/ray`` (engine ray, part
 store ``OUT/ray.parts``; the first actor to reach a batch is SIGKILLed once, marker
-``OUT/killed``) and ``OUT/ray-again`` (engine ray, same store: everything cached; an ``ivf-sq8`` index added in
+``OUT/killed``; embedded in Ray actors too) and ``OUT/ray-again`` (engine ray, same store: everything cached; an ``ivf-sq8`` index added in
 shard tasks on that Ray, :func:`indexer.ray_engine.build_index_ray`). Then a
 nightly rebuild on that Ray whose driver is SIGKILLed mid-extraction, and its rerun
 (:func:`killed_driver`). Writes the reports to ``OUT/reports.json``; the test asserts on them.
@@ -48,7 +48,9 @@ def main(catalog: str, out: str) -> int:
     reports["local"] = build_bundle(catalog, out_path / "local", config).to_json()
     ray_config = replace(config, engine="ray", feature_store=out_path / "ray.parts")
     step("ray build")
-    reports["ray"] = build_bundle(catalog, out_path / "ray", ray_config).to_json()
+    # Embedded in actors however small the catalog: the parity test checks that path.
+    in_actors = replace(ray_config, ray=replace(ray_config.ray, driver_embed_rows=0))
+    reports["ray"] = build_bundle(catalog, out_path / "ray", in_actors).to_json()
     step("ray build again")
     again_config = replace(ray_config, index_kind="ivf-sq8")
     reports["ray-again"] = build_bundle(catalog, out_path / "ray-again", again_config).to_json()

@@ -26,9 +26,22 @@ def test_session_build_report(tiny_build):
     assert report.extracted + report.cached == 96
 
 
-def test_second_build_extracts_nothing(generated_catalog, tiny_config, tiny_build, tmp_path):
-    report = build_bundle(generated_catalog, tmp_path / "again", short_training(tiny_config))
+def test_second_build_extracts_nothing_and_trains_on_a_sample_above_train_sample(
+    generated_catalog, tiny_config, tiny_build, tmp_path
+):
+    from recommender.classifier import SAMPLE_FLOOR
+    from recommender.engine import load_bundle
+
+    assert tiny_build[1].train_rows == 96  # below --train-sample: every row
+    config = replace(short_training(tiny_config), train_sample=40)
+    report = build_bundle(generated_catalog, tmp_path / "again", config)
     assert report.extracted == 0 and report.cached == 96
+    # Four classes of 24 keep their floor of rows each; every item is still indexed.
+    assert report.train_rows == 4 * SAMPLE_FLOOR and report.items == 96
+    bundle = load_bundle(tmp_path / "again", use_gpu=False)
+    assert bundle.index.size == 96
+    assert set(bundle.label_space.classes_of("label")) == {row.labels["label"] for row in bundle.rows}
+    assert set(bundle.label_space.classes_of("colour")) == {row.labels["colour"] for row in bundle.rows}
 
 
 def test_existing_bundle_is_not_overwritten(generated_catalog, tiny_config, tiny_bundle):

@@ -8,11 +8,13 @@ from sklearn.model_selection import train_test_split
 
 from recommender.classifier import (
     EMBEDDING_LAYER,
+    SAMPLE_FLOOR,
     TrainConfig,
     build_model,
     split_coverage,
     stratified_split,
     train_classifier,
+    training_sample,
 )
 from recommender.errors import TrainingError
 from recommender.labels import HeadSpec
@@ -118,3 +120,29 @@ def test_supervised_contrastive_loss_by_hand():
     # Pulling the positive away raises the loss.
     apart = np.array([[1, 0], [0, 1], [0, 1]], np.float32)
     assert ops.convert_to_numpy(supervised_contrastive_loss(0.5)(labels, apart))[0] > got[0]
+
+
+def test_a_training_sample_keeps_the_long_tail_and_every_label_and_thins_big_classes():
+    from collections import Counter
+
+    rng = np.random.default_rng(0)
+    n = 20_000
+    # A long tail: class sizes from thousands down to single photos, as shop catalogs have.
+    primary = [f"type-{int(x) % 200}" for x in rng.zipf(1.6, n)]
+    colour = [f"colour-{int(x) % 40}" for x in rng.zipf(2.2, n)]
+    tags = [tuple(f"tag-{int(t)}" for t in rng.integers(0, 60, 2)) for _ in range(n)]
+    tags[7] = ("only-once",)
+    labels = {"type": primary, "colour": colour}
+    sample = training_sample(labels, "type", 2_000, seed=3, tags=tags)
+
+    assert sample.dtype == np.int64 and np.all(np.diff(sample) > 0) and len(set(sample)) == len(sample)
+    full, kept = Counter(primary), Counter(primary[i] for i in sample)
+    assert all(kept[name] >= min(count, SAMPLE_FLOOR) for name, count in full.items())
+    biggest = full.most_common(1)[0][0]
+    assert kept[biggest] < full[biggest] / 5  # thinned in proportion
+    assert {colour[i] for i in sample} == set(colour)  # other columns' values all present
+    assert 7 in sample  # the one photo of a tag
+    assert 2_000 <= len(sample) <= 2_000 + SAMPLE_FLOOR * (len(full) + 40 + 61)
+    assert np.array_equal(sample, training_sample(labels, "type", 2_000, seed=3, tags=tags))
+    assert not np.array_equal(sample, training_sample(labels, "type", 2_000, seed=4, tags=tags))
+    assert training_sample(labels, "type", n, seed=3) is None and training_sample(labels, "type", 0, seed=3) is None

@@ -10,7 +10,7 @@ import pytest
 from recommender.catalog import read_catalog
 from recommender.errors import FeatureStoreError
 from recommender.feature_parts import PartFeatureStore, PartWriter, open_feature_store
-from recommender.features import FeatureStore, extract_features
+from recommender.features import FeatureStore, StoredFeatures, extract_features, take_rows
 
 
 def digest(i: int) -> str:
@@ -110,3 +110,27 @@ def test_extraction_gives_the_same_features_with_either_store(generated_catalog,
         by_store[name] = again
     assert np.array_equal(by_store["f.h5"].features, by_store["f.parts"].features)
     assert by_store["f.h5"].hashes == by_store["f.parts"].hashes
+
+
+def test_stored_features_read_only_the_rows_asked_and_part_order_groups_rows_by_file(tmp_path):
+    store = PartFeatureStore(tmp_path / "parts", "key1", 3)
+    vectors = np.arange(60, dtype=np.float32).reshape(20, 3)
+    for start in range(0, 20, 5):  # four parts of five rows
+        store.add([digest(i) for i in range(start, start + 5)], vectors[start : start + 5])
+    asked = [digest(i) for i in (17, 2, 11, 3, 16)]
+    lazy = StoredFeatures(store, asked)
+    assert lazy.shape == (5, 3) and len(lazy) == 5
+    assert np.array_equal(lazy.take([4, 0]), vectors[[16, 17]])
+    subset = lazy.subset([1, 3])  # still in the store
+    assert isinstance(subset, StoredFeatures) and np.array_equal(take_rows(subset, [0, 1]), vectors[[2, 3]])
+    assert np.array_equal(take_rows(vectors, [5, 1]), vectors[[5, 1]])
+
+    order = store.part_order(asked)
+    assert sorted(order.tolist()) == [0, 1, 2, 3, 4]
+    rows = (17, 2, 11, 3, 16)
+    files = [rows[i] // 5 for i in order]  # digest(i) is in part i // 5
+    assert files == sorted(files)  # rows of one part are next to each other
+    with pytest.raises(FeatureStoreError, match="no stored original features"):
+        store.part_order([digest(99)])
+    with pytest.raises(FeatureStoreError, match="no stored flipped features"):
+        StoredFeatures(store, asked, "flipped").take([0])

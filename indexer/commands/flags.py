@@ -215,6 +215,14 @@ def add_build_settings(parser: argparse.ArgumentParser) -> None:
         help=f"maximum training epochs (default: {defaults.train.max_epochs}; early stopping usually ends sooner)",
     )
     parser.add_argument(
+        "--train-sample",
+        type=non_negative_int,
+        default=defaults.train_sample,
+        metavar="ROWS",
+        help="above this many rows, train the classifier on a stratified sample of about this size "
+        "(every class keeps up to 20 rows); 0 trains on every row (default: %(default)s)",
+    )
+    parser.add_argument(
         "--batch-size",
         type=positive_int,
         default=defaults.batch_size,
@@ -346,6 +354,7 @@ def build_config_from_args(args: argparse.Namespace) -> BuildConfig:
         image_root=args.image_root,
         backbone=resolved_spec(spec),  # a file backbone's path absolute: the bundle records no cwd
         train=train,
+        train_sample=args.train_sample,
         flips=not args.no_flips,
         flip_average=not args.no_flips,
         index_kind=args.index,
