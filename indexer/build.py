@@ -350,15 +350,19 @@ def _build_bundle(
 
     mark = time.perf_counter()
     use_flips = config.flip_average and extraction.flipped is not None
-    if isinstance(extraction.features, StoredFeatures):  # the Ray engine: features stay in the store
+    stored = isinstance(extraction.features, StoredFeatures)  # the Ray engine: features stay in the store
+    if stored and len(extraction.features) > config.ray.driver_embed_rows:
         from indexer.ray_engine import embed_ray
 
         raw_embeddings = embed_ray(trained, extraction.features, use_flips, config.ray)
     else:
+        everything = np.arange(len(extraction.rows))
         runner = ClassifierRunner(
             trained.model, trained.input_scaler, [head.name for head in trained.label_space.heads]
         )
-        raw_embeddings, _ = runner.run(extraction.features, extraction.flipped if use_flips else None)
+        raw_embeddings, _ = runner.run(
+            take_rows(extraction.features, everything), take_rows(extraction.flipped, everything) if use_flips else None
+        )
     embedding_scaler = fit_scaler(raw_embeddings)
     embeddings = transform_in_place(embedding_scaler, raw_embeddings)  # 2 KB a row: no second copy
     kind = config.index_kind
