@@ -43,7 +43,7 @@ from pathlib import Path
 
 from recommender.backbones import file_sha256
 from recommender.errors import BackboneError, BundleError
-from recommender.manifest import BackboneFile, CatalogRecord, Manifest
+from recommender.manifest import BackboneFile, Manifest
 
 FORMAT_VERSION = 3
 #: Format versions this code reads.
@@ -313,22 +313,20 @@ def verify_bundle(bundle: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def read_catalog_rows(bundle: Path, expected: int) -> list[CatalogRecord]:
+def read_catalog_rows(bundle: Path, expected: int):
     """Reads ``catalog.jsonl`` (line i is FAISS id i); checks it has ``expected`` rows.
+
+    Returns:
+        A ``recommender.records.CatalogRecords``: a ``Sequence[CatalogRecord]`` held as the
+        file's bytes plus lookup columns (every line validated here, once).
 
     Raises:
         BundleError: a line that is not JSON or not a valid record (file and line named), or
             another number of rows than ``expected``.
     """
-    rows = []
-    path = bundle / "catalog.jsonl"
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            try:
-                payload = json.loads(line.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise BundleError(f"{path} line {number}: not valid JSON ({error})") from None
-            rows.append(CatalogRecord.from_json(payload, f"{path} line {number}"))
+    from recommender.records import CatalogRecords
+
+    rows = CatalogRecords.read(bundle / "catalog.jsonl")
     if len(rows) != expected:
         raise BundleError(f"{bundle}: catalog.jsonl has {len(rows)} rows, the manifest says {expected}")
     return rows

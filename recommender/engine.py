@@ -21,6 +21,7 @@ from recommender.bundle import load_bundle_backbone, read_catalog_rows, read_cla
 from recommender.errors import BundleError, FilterError, QueryError, UnknownItemError
 from recommender.images import ImageBytes, ImageSource, load_image, read_image_bytes
 from recommender.manifest import CatalogRecord, Manifest
+from recommender.records import CatalogRecords, same_photo_positions
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class Recommender:
         self.title_column = manifest.catalog.title_column or "title"
         self.price_column = manifest.catalog.price_column
         self.url_column = manifest.catalog.url_column
-        self._by_id = {row.id: position for position, row in enumerate(rows)}
+        ids = rows.ids if isinstance(rows, CatalogRecords) else [row.id for row in rows]
+        self._by_id = {item_id: position for position, item_id in enumerate(ids)}
         self._by_hash = same_photo_positions(rows)
 
     # -- embedding ---------------------------------------------------------------------
@@ -442,18 +444,6 @@ class Recommender:
             neighbor.update(self.display_fields(row))  # title, and price / url with those columns
             found.append(neighbor)
         return found
-
-
-def same_photo_positions(rows: Sequence[CatalogRecord]) -> dict[str, list[int]]:
-    """Image sha256 -> the catalog positions with that photo: what an item's neighbours leave out.
-
-    An item is never its own neighbour, nor is another item with the same photo (a duplicate
-    listing). ``similar_to_item`` and the precomputed panels both exclude through this map.
-    """
-    by_hash: dict[str, list[int]] = {}
-    for position, row in enumerate(rows):
-        by_hash.setdefault(row.sha256, []).append(position)
-    return by_hash
 
 
 def check_k(k, name: str = "k") -> None:

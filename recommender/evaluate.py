@@ -52,6 +52,7 @@ from recommender.errors import InvalidImageError
 from recommender.images import decoded_batches, load_image_with_hash
 from recommender.labels import path_score
 from recommender.manifest import CatalogRecord
+from recommender.records import same_photo_positions
 
 # -- retrieval metrics ---------------------------------------------------------------------
 
@@ -444,16 +445,8 @@ class QueryRun:
     bad_rows: list[BadRow]
 
 
-def catalog_positions_by_hash(catalog_rows: Sequence[CatalogRecord]) -> dict[str, list[int]]:
-    """sha256 -> catalog positions with that image content."""
-    by_hash: dict[str, list[int]] = {}
-    for position, row in enumerate(catalog_rows):
-        by_hash.setdefault(row.sha256, []).append(position)
-    return by_hash
-
-
 def search_without_self(
-    index, vectors: np.ndarray, hashes: list[str], by_hash: dict[str, list[int]], k: int, *, exclude_self: bool = True
+    index, vectors: np.ndarray, hashes: list[str], by_hash, k: int, *, exclude_self: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest catalog items of each query, leaving out those with the query's image content.
 
@@ -464,7 +457,7 @@ def search_without_self(
         index: a ``VectorIndex`` over the catalog, positions as in ``by_hash``.
         vectors: (n, d) float32 query vectors in the index's space.
         hashes: n image sha256s of the queries.
-        by_hash: :func:`catalog_positions_by_hash` of the catalog rows.
+        by_hash: :func:`recommender.records.same_photo_positions` of the catalog rows.
         k: neighbours to keep.
         exclude_self: False keeps them (a catalog image then finds itself first).
 
@@ -502,7 +495,7 @@ def run_queries(
         Predictions and neighbours of the readable rows; the others in ``bad_rows``.
     """
     size = recommender.backbone.input_size
-    by_hash = catalog_positions_by_hash(recommender.rows)
+    by_hash = same_photo_positions(recommender.rows)
     space = recommender.label_space
     kept_rows, hashes, bad = [], [], []
     probabilities: list[list[np.ndarray]] = [[] for _ in recommender.label_columns]
@@ -598,7 +591,7 @@ def raw_feature_neighbors(
     query_features = extract_features(query_rows, recommender.backbone, store, max_pixels=recommender.max_pixels)
     scaler = recommender.runner.input_scaler
     index = VectorIndex.build(transform(scaler, catalog_features.features), "flat", use_gpu=False)
-    by_hash = catalog_positions_by_hash(recommender.rows)
+    by_hash = same_photo_positions(recommender.rows)
     positions, _ = search_without_self(
         index, transform(scaler, query_features.features), query_features.hashes, by_hash, k, exclude_self=exclude_self
     )
@@ -627,7 +620,7 @@ def relevant_totals(
         (n,) int64.
     """
     totals = Counter(row.labels.get(column) for row in catalog_rows)
-    by_hash = catalog_positions_by_hash(catalog_rows) if exclude_self else {}
+    by_hash = same_photo_positions(catalog_rows) if exclude_self else {}
     counts = []
     for label, digest in zip(truth, hashes):
         own = sum(1 for p in by_hash.get(digest, []) if catalog_rows[p].labels.get(column) == label)

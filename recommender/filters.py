@@ -16,6 +16,7 @@ import numpy as np
 
 from recommender.errors import FilterError
 from recommender.manifest import CatalogRecord
+from recommender.records import CatalogRecords
 
 #: How many known values an "unknown value" message lists.
 LISTED_VALUES = 10
@@ -48,13 +49,19 @@ class AttributeIndex:
         self.columns = columns + ([tags_column] if tags_column is not None else [])
         self.tags_column = tags_column
         collected: dict[str, dict[str, list[int]]] = {column: {} for column in self.columns}
-        for position, row in enumerate(rows):
-            for column in columns:
-                value = row.labels.get(column)
+        if isinstance(rows, CatalogRecords):  # its columns, without decoding a record
+            label_values = {column: rows.label_values(column) for column in columns}
+            tag_values = rows.tag_values() if tags_column is not None else None
+        else:
+            label_values = {column: [row.labels.get(column) for row in rows] for column in columns}
+            tag_values = [row.tags for row in rows] if tags_column is not None else None
+        for column, found in label_values.items():
+            for position, value in enumerate(found):
                 if value is not None:
                     collected[column].setdefault(str(value), []).append(position)
-            if tags_column is not None:
-                for tag in dict.fromkeys(row.tags or ()):  # a repeated tag counts once
+        if tag_values is not None:
+            for position, tags in enumerate(tag_values):
+                for tag in dict.fromkeys(tags or ()):  # a repeated tag counts once
                     collected[tags_column].setdefault(str(tag), []).append(position)
         # Positions are appended in increasing order, so every array is already sorted.
         self._positions: dict[str, dict[str, np.ndarray]] = {

@@ -195,3 +195,32 @@ def test_malformed_bundle_is_one_error_line_from_the_cli_and_the_web_app(
     with pytest.raises(BundleError) as raised:
         create_app({"bundle": str(bundle), "reload_interval_s": 0})
     assert message in str(raised.value)
+
+
+def test_catalog_records_decode_each_row_as_written_and_give_their_columns_without_decoding(tmp_path, tiny_bundle):
+    from recommender.bundle import read_catalog_rows
+    from recommender.records import CatalogRecords, same_photo_positions
+
+    lines = (tiny_bundle / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+    parsed = [json.loads(line) for line in lines]
+    parsed[1] = {**parsed[1], "tags": ["sale", "new"], "labels": {"label": parsed[1]["labels"]["label"]}}
+    parsed[4] = {**parsed[4], "sha256": parsed[2]["sha256"]}  # a duplicate listing of row 2's photo
+    (tmp_path / "catalog.jsonl").write_text("".join(json.dumps(p) + "\n" for p in parsed), encoding="utf-8")
+    rows = read_catalog_rows(tmp_path, len(parsed))
+
+    assert isinstance(rows, CatalogRecords) and len(rows) == len(parsed)
+    expected = [CatalogRecord.from_json(p) for p in parsed]
+    assert list(rows) == expected and rows[-1] == expected[-1] and rows[2:5] == expected[2:5]
+    with pytest.raises(IndexError):
+        rows[len(parsed)]
+    assert rows.ids == [p["id"] for p in parsed]
+    assert rows.label_values("colour") == [p["labels"].get("colour") for p in parsed]  # row 1 has none
+    assert rows.label_values("label") == [p["labels"]["label"] for p in parsed]
+    assert rows.tag_values()[:3] == [None, ("sale", "new"), None] == [row.tags for row in expected[:3]]
+    by_hash = same_photo_positions(rows)
+    assert by_hash.get(parsed[2]["sha256"]) == [2, 4] and parsed[4]["sha256"] in by_hash
+    assert by_hash.get(parsed[0]["sha256"], []) == [0] and by_hash.get("0" * 64, []) == [] and "0" * 64 not in by_hash
+    assert same_photo_positions(expected).get(parsed[2]["sha256"]) == [2, 4]  # from plain records too
+    # The last line may lack its newline.
+    (tmp_path / "catalog.jsonl").write_text("\n".join(lines[:2]), encoding="utf-8")
+    assert read_catalog_rows(tmp_path, 2)[1].id == parsed[1]["id"]
