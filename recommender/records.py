@@ -90,8 +90,10 @@ class CatalogRecords(Sequence):
             ids.append(record.id)
             digests.append(record.sha256)
             for column, value in record.labels.items():
-                known = values.setdefault(column, {})
-                codes.setdefault(column, [-1] * (number - 1)).append(known.setdefault(value, len(known)))
+                if column not in codes:  # first seen here: the rows before lack it
+                    codes[column], values[column] = [-1] * (number - 1), {}
+                known = values[column]
+                codes[column].append(known.setdefault(value, len(known)))
             for column_codes in codes.values():
                 if len(column_codes) < number:  # this row lacks the column
                     column_codes.append(-1)
