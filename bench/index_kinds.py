@@ -11,7 +11,8 @@ noise of their own covariance); queries are other such vectors. Exact ground tru
 Per kind (``recommender.index.VectorIndex``): the build (train on the seeded sample, add),
 then, in a fresh process, the bundle's way of loading: ``VectorIndex.load`` (IVF kinds
 memory-mapped) plus the ``catalog.jsonl`` rows (``bundle.read_catalog_rows`` of a synthetic
-catalog with realistic fields) and the process's RSS split into anonymous and file-backed
+catalog with realistic fields: ``recommender.records.CatalogRecords``) with the lookups a loaded
+``Recommender`` builds over them (id map, same-photo positions, attribute index) and the process's RSS split into anonymous and file-backed
 pages (``/proc/self/status``) after each; p50 / p95 of one query at a time on one OpenMP
 thread; recall@6 against exact. For IVF kinds each ``--nprobe`` value is measured too.
 For 10,000,000 items the bytes and the kind the auto rule picks are computed, not measured.
@@ -69,7 +70,9 @@ def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: 
     import faiss
 
     from recommender.bundle import read_catalog_rows
+    from recommender.filters import AttributeIndex
     from recommender.index import VectorIndex
+    from recommender.records import same_photo_positions
 
     folder = Path(folder)
     queries = np.load(folder / "queries.npy")
@@ -77,6 +80,10 @@ def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: 
     before = rss()
     rows = read_catalog_rows(folder, len(np.load(folder / "embeddings.f16.npy", mmap_mode="r"))) if (
         folder / "catalog.jsonl").exists() else []  # fmt: skip
+    # The lookups a loaded Recommender builds over its rows: ids, same photos, attributes.
+    by_id = {item_id: position for position, item_id in enumerate(getattr(rows, "ids", []))}
+    by_hash = same_photo_positions(rows)
+    attributes = AttributeIndex(rows, ["label", "colour"]) if len(rows) else None
     with_catalog = rss()
     index = VectorIndex.load(folder / f"{kind}.faiss", use_gpu=False)
     loaded = rss()
@@ -105,6 +112,8 @@ def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: 
     return {
         "rss_mb": {"start": before, "catalog": with_catalog, "index": loaded, "after_queries": after},
         "catalog_rows": len(rows),
+        "catalog_lookups": {"ids": len(by_id), "photos": len(by_hash),
+                            "attribute_columns": len(attributes.columns) if attributes else 0},
         "settings": results,
     }
 
