@@ -9,8 +9,8 @@ noise of their own covariance); queries are other such vectors. Exact ground tru
 ``IndexFlatL2`` over the same vectors, batched.
 
 Per kind (``recommender.index.VectorIndex``): the build (train on the seeded sample, add),
-then, in a fresh process, the bundle's way of loading: ``VectorIndex.load`` (IVF kinds
-memory-mapped) plus the ``catalog.jsonl`` rows (``bundle.read_catalog_rows`` of a synthetic
+then, in a fresh process, the bundle's way of loading: ``VectorIndex.load`` (IVF lists read into
+memory, the float16 re-rank file memory-mapped; ``--memory-map``: the lists mapped too) plus the ``catalog.jsonl`` rows (``bundle.read_catalog_rows`` of a synthetic
 catalog with realistic fields: ``recommender.records.CatalogRecords``) with the lookups a loaded
 ``Recommender`` builds over them (id map, same-photo positions, attribute index) and the process's RSS split into anonymous and file-backed
 pages (``/proc/self/status``) after each; p50 / p95 of one query at a time on one OpenMP
@@ -65,7 +65,7 @@ def write_catalog(path: Path, count: int) -> None:
             handle.write(json.dumps(record) + "\n")
 
 
-def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: int) -> dict:
+def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: int, memory_map: bool = False) -> dict:
     """Runs in a fresh process: load catalog + index as a bundle does, then time and score it."""
     import faiss
 
@@ -85,7 +85,7 @@ def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: 
     by_hash = same_photo_positions(rows)
     attributes = AttributeIndex(rows, ["label", "colour"]) if len(rows) else None
     with_catalog = rss()
-    index = VectorIndex.load(folder / f"{kind}.faiss", use_gpu=False)
+    index = VectorIndex.load(folder / f"{kind}.faiss", use_gpu=False, memory_map=memory_map)
     loaded = rss()
     settings = nprobes if index.kind.startswith("ivf") else [None]
     results = []
@@ -112,8 +112,11 @@ def measure_loaded(folder: str, kind: str, nprobes: list[int], latency_queries: 
     return {
         "rss_mb": {"start": before, "catalog": with_catalog, "index": loaded, "after_queries": after},
         "catalog_rows": len(rows),
-        "catalog_lookups": {"ids": len(by_id), "photos": len(by_hash),
-                            "attribute_columns": len(attributes.columns) if attributes else 0},
+        "catalog_lookups": {
+            "ids": len(by_id),
+            "photos": len(by_hash),
+            "attribute_columns": len(attributes.columns) if attributes else 0,
+        },
         "settings": results,
     }
 
@@ -171,41 +174,45 @@ def run(args) -> int:
             index.save(folder / f"{kind}.faiss")  # IVF kinds rewrite embeddings.f16.npy: the same vectors
             parameters = index.parameters.to_json()
             del index
-            command = [sys.executable, __file__, "--measure", str(folder), kind, args.nprobe or "",
-                       str(200 if kind == "flat" else query_count)]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                return 1
-            measured = json.loads(done.stdout.strip().splitlines()[-1])
-            row = {
-                "kind": kind,
-                "n": size,
-                "build_s": build_seconds,
-                "parameters": parameters,
-                "file_mb": (folder / f"{kind}.faiss").stat().st_size / 1e6,
-                "estimated_resident_mb": resident_bytes(kind, size) / 1e6,
-                "rerank_file_mb": rerank_bytes_per_vector(kind) * size / 1e6,
-                **measured,
-            }
-            rows.append(row)
-            if len(rows) == 1:
-                print(header)
-            memory = measured["rss_mb"]
-            index_rss = memory["after_queries"]
-            for setting in measured["settings"]:
+            # IVF kinds twice: lists read into memory (the default) and memory-mapped ("*").
+            for memory_map in (False, True) if kind.startswith("ivf") else (False,):
+                label = kind + ("*" if memory_map else "")
+                command = [sys.executable, __file__, "--measure", str(folder), kind, args.nprobe or "",
+                           str(200 if kind == "flat" else query_count), "1" if memory_map else "0"]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    print(done.stderr[-3000:], file=sys.stderr)
+                    return 1
+                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                row = {
+                    "kind": kind,
+                    "lists": ("mapped" if memory_map else "in memory") if kind.startswith("ivf") else None,
+                    "n": size,
+                    "build_s": build_seconds,
+                    "parameters": parameters,
+                    "file_mb": (folder / f"{kind}.faiss").stat().st_size / 1e6,
+                    "estimated_resident_mb": resident_bytes(kind, size) / 1e6,
+                    "rerank_file_mb": rerank_bytes_per_vector(kind) * size / 1e6,
+                    **measured,
+                }
+                rows.append(row)
+                if len(rows) == 1:
+                    print(header)
+                memory = measured["rss_mb"]
+                index_rss = memory["after_queries"]
+                for setting in measured["settings"]:
+                    print(
+                        f"{label:8s} {str(setting['nprobe'] or '-'):>6s} {build_seconds:8.1f} {index_rss['total']:8.0f} "
+                        f"{index_rss['anonymous']:8.0f} {index_rss['file']:8.0f} {setting['p50_ms']:7.3f} "
+                        f"{setting['p95_ms']:7.3f} {setting['recall_at_6']:8.3f}",
+                        flush=True,
+                    )
                 print(
-                    f"{kind:8s} {str(setting['nprobe'] or '-'):>6s} {build_seconds:8.1f} {index_rss['total']:8.0f} "
-                    f"{index_rss['anonymous']:8.0f} {index_rss['file']:8.0f} {setting['p50_ms']:7.3f} "
-                    f"{setting['p95_ms']:7.3f} {setting['recall_at_6']:8.3f}",
+                    f"         RSS MB: start {memory['start']['total']:.0f}, + catalog rows {memory['catalog']['total']:.0f}, "
+                    f"+ index {memory['index']['total']:.0f} (anon {memory['index']['anonymous']:.0f}), after queries "
+                    f"{index_rss['total']:.0f}; estimate {row['estimated_resident_mb']:.0f} MB, file {row['file_mb']:.0f} MB",
                     flush=True,
                 )
-            print(
-                f"         RSS MB: start {memory['start']['total']:.0f}, + catalog rows {memory['catalog']['total']:.0f}, "
-                f"+ index {memory['index']['total']:.0f} (anon {memory['index']['anonymous']:.0f}), after queries "
-                f"{index_rss['total']:.0f}; estimate {row['estimated_resident_mb']:.0f} MB, file {row['file_mb']:.0f} MB",
-                flush=True,
-            )
     computed = {}
     for count in (1_000_000, 10_000_000):
         computed[count] = {
@@ -234,9 +241,9 @@ def run(args) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--measure":
-        folder, kind, nprobe_text, latency = sys.argv[2:6]
+        folder, kind, nprobe_text, latency, mapped = sys.argv[2:7]
         nprobe_values = [int(value) for value in nprobe_text.split(",") if value]
-        print(json.dumps(measure_loaded(folder, kind, nprobe_values or [None], int(latency))))
+        print(json.dumps(measure_loaded(folder, kind, nprobe_values or [None], int(latency), mapped == "1")))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1_000_000, help="catalog size (default: %(default)s)")

@@ -89,11 +89,14 @@ def test_sharded_build_equals_one_add(kind, vectors):
     assert np.array_equal(np.asarray(sharded.embeddings), np.asarray(single.embeddings))
 
 
-def test_saved_ivf_index_loads_memory_mapped_and_answers_the_same(built, vectors, tmp_path):
+@pytest.mark.parametrize("memory_map", [False, True], ids=["lists-in-memory", "lists-mapped"])
+def test_saved_ivf_index_loads_and_answers_the_same(built, vectors, tmp_path, memory_map):
     kind, index = built
     index.save(tmp_path / "index.faiss")
     assert (tmp_path / EMBEDDINGS_FILE).is_file()
-    loaded = VectorIndex.load(tmp_path / "index.faiss", use_gpu=False, parameters=index.parameters)
+    loaded = VectorIndex.load(
+        tmp_path / "index.faiss", use_gpu=False, parameters=index.parameters, memory_map=memory_map
+    )
     assert loaded.kind == kind and loaded.parameters == index.parameters
     assert isinstance(loaded.embeddings, np.memmap)  # re-rank rows stay in the file's pages
     queries = vectors[3::150]
