@@ -6,11 +6,16 @@
     Ray Data: rows -> ExtractionActor (loads the backbone once; recommender.images.load_image,
               the one preprocessing function; both views) -> one Parquet part per batch and
               view, written by the actor itself (recommender.feature_parts.PartWriter)
-    driver: reads the features back from the store -> the same training, embedding, index,
-            bundle, gate and publish as the local engine (indexer.build)
+    driver: reads the training sample's features from the store (every row up to
+            --train-sample) -> trains the classifier (indexer.build)
+    Ray Data: chunks of stored rows -> EmbeddingActor (loads the trained model once; reads
+              its chunk's features from the store) -> (chunk, 512) embeddings to the driver
+              (:func:`embed_ray`; catalogs of at most ``RayConfig.driver_embed_rows`` rows
+              are embedded on the driver instead)
+    driver: the same index, bundle, gate and publish as the local engine
 
-Only hashes and per-photo errors travel back to the driver, never features through the
-object store. A photo that cannot be read is a bad row with its reason, as in the local
+Only hashes, per-photo errors, the model and embeddings travel through the object store,
+never features: the driver never holds every feature of the catalog. A photo that cannot be read is a bad row with its reason, as in the local
 loop. Ray Data restarts a killed actor and retries its batch (``max_restarts=-1``,
 ``max_task_retries=-1`` are its defaults for actor pools); a retried batch writes its part
 again, which the store reads once. A killed driver leaves the parts already written, so the
@@ -212,7 +217,8 @@ def extract_features_ray(
         progress: show Ray Data's progress bars.
 
     Returns:
-        As the local loop: features of every readable row in catalog order, bad rows with reasons.
+        As the local loop (readable rows in catalog order, bad rows with reasons), but the
+        features as :class:`~recommender.features.StoredFeatures`: left in the store.
 
     Raises:
         RayEngineError: Ray cannot start, or the job failed on the cluster (its first error).
