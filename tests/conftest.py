@@ -346,6 +346,7 @@ def quick_runs(request):
 LONGEST_FIRST = (
     "test_real_data",
     "test_ray_engine",
+    "test_ray_memory",
     "test_rebuild",
     "test_rebuild_gate",
     "test_rebuild_kill",
