@@ -4,6 +4,9 @@ ImageNet error, TFLite extractor, identities recorded in bundles unchanged."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -147,3 +150,25 @@ def test_tflite_extractor_batches_and_dequantizes(image_files):
     assert together.min() >= 0 and 0 < together.max() < 256 * 0.0236  # dequantized with the output scale
     with pytest.raises(BackboneError, match="expects"):
         backbone.extract(batch[:, :100])
+
+
+def test_both_tflite_runtimes_give_the_same_features(image_files, tmp_path):
+    """ai-edge-litert (no TensorFlow import) and tf.lite, its fallback, agree bit for bit on the shared model."""
+    skip_without_shared()
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        pytest.skip("ai-edge-litert is not installed here (no wheel for this platform): tf.lite is the only runtime")
+    batch = np.stack([load_image(image_files[name], 224) for name in ("rgb_jpeg", "cmyk_jpeg", "webp", "tiny")])
+    np.save(tmp_path / "batch.npy", batch)
+    code = f"""
+import sys
+sys.modules["ai_edge_litert"] = None  # import fails: the fallback runs
+import numpy as np
+from recommender.backbones import BackboneSpec, load_backbone
+backbone = load_backbone(BackboneSpec(name={f"tflite:{MOBILENET}"!r}))
+assert type(backbone._interpreter).__module__.startswith("tensorflow"), type(backbone._interpreter)
+np.save({str(tmp_path / "tf_lite.npy")!r}, backbone.extract(np.load({str(tmp_path / "batch.npy")!r})))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    litert = load_backbone(BackboneSpec(name=f"tflite:{MOBILENET}"))
+    assert type(litert._interpreter).__module__.startswith("ai_edge_litert")
+    assert np.array_equal(litert.extract(batch), np.load(tmp_path / "tf_lite.npy"))
