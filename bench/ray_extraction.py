@@ -1,6 +1,6 @@
 """Feature extraction through the Ray engine (local Ray, actors) against the in-process loop.
 
-    python bench/ray_extraction.py [--images 1024] [--backbone tflite|resnet50] [--actors N]
+    python bench/ray_extraction.py [--images 1024] [--backbone tflite|resnet50] [--actors N] [--quick]
 
 Both get the features of the same photos into a fresh store, in one run:
 
@@ -11,7 +11,8 @@ Both get the features of the same photos into a fresh store, in one run:
 
 Target (issue 14): (b) >= 0.9x (a)'s img/s. Photos from ../shared/datasets/clothing-small.
 Ray listens on the host's address: the script re-runs itself inside ``unshare -n`` (loopback
-only) when it can (``--no-namespace`` to run as is). Writes bench/results/ray-extraction.json.
+only) when it can (``--no-namespace`` to run as is). Writes bench/results/ray-extraction-<backbone>.json
+(``--quick``: 48 photos with TFLite, ray_extraction-quick.json).
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ def main() -> int:
     parser.add_argument("--actors", type=int, default=None, help="default: the engine's own choice")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-namespace", action="store_true", help="do not re-run inside unshare -n")
+    parser.add_argument(
+        "--quick", action="store_true", help="48 photos, TFLite: for the test that keeps this script working"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.backbone = 48, "tflite"
     if not args.no_namespace and os.environ.get("RECOMMENDER_BENCH_NAMESPACE") != "1" and shutil.which("unshare"):
         script = 'ip link set lo up && exec "$@"'
         command = ["unshare", "-n", "sh", "-c", script, "sh", sys.executable, *sys.argv]
@@ -108,7 +114,8 @@ def main() -> int:
         print(f"{name:18s} {result['seconds']:8.1f} {rate:8.1f} {rate / base:8.2f} {target:>8s}")
         table.append({"run": name, **result, "img_per_s": rate, "share_of_local": rate / base})
     print(f"largest feature difference Ray vs in process: {same:.2e}; Ray start-up {ray_start:.1f} s")
-    path = save_results(f"ray-extraction-{args.backbone}", {"rows": table, "max_difference": same})
+    name = "ray_extraction-quick" if args.quick else f"ray-extraction-{args.backbone}"
+    path = save_results(name, {"images": len(rows), "rows": table, "max_difference": same})
     print(f"wrote {path}")
     return 0
 
