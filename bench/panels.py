@@ -117,7 +117,7 @@ def build_tiny(workdir: Path) -> Path:
     catalog = generate_catalog(
         workdir / "catalog", per_class=TINY_PER_CLASS, patterns=TINY_PATTERNS, colours=TINY_COLOURS, size=TINY_SIZE
     )
-    return build_bundle(catalog, workdir / "tiny", tiny_build_config(workdir / "features.h5")).path
+    return Path(build_bundle(catalog, workdir / "tiny", tiny_build_config(workdir / "features.h5")).bundle)
 
 
 def inflated_bundle(bundle: Path, n: int, workdir: Path) -> Path:
@@ -197,6 +197,7 @@ def main() -> int:
     sizes = [2000] if args.quick else [int(size) for size in args.sizes.split(",")]
     requests = 50 if args.quick else args.requests
     print(f"machine: {machine()}", flush=True)
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory() as temporary:
         workdir = Path(temporary)
         job = measure_job(sizes, 200 if args.quick else args.sample, workdir)
@@ -204,8 +205,11 @@ def main() -> int:
         endpoint = [measure_endpoint(bundle, requests, workdir)]
         for n in sizes:
             endpoint.append(measure_endpoint(inflated_bundle(bundle, n, workdir), requests, workdir))
-    path = save_results("panels-quick" if args.quick else "panels", {"k": K, "job": job, "endpoint": endpoint})
-    print(f"results: {path}")
+    load = {"before": load_before, "after": list(os.getloadavg())}
+    path = save_results(
+        "panels-quick" if args.quick else "panels", {"k": K, "job": job, "endpoint": endpoint, "load_average": load}
+    )
+    print(f"wrote {path}")
     return 0
 
 

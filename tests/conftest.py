@@ -279,6 +279,7 @@ QUICK_SCRIPTS = (
     "hierarchy",
     "tags",
     "index_kinds",
+    "panels",
 )
 #: Seconds a --quick run may take (TensorFlow's import included); those that train models get longer.
 QUICK_TIMEOUTS = {"quality": 300, "hierarchy": 180, "tags": 180, "multihead": 240}

@@ -151,3 +151,18 @@ def test_index_kinds_quick(quick_runs):
     assert row["parameters"]["factory"].startswith("OPQ")
     # The 10M figures are computed (not measured here) and say so.
     assert "computed, 10,000,000 x 512-d" in output
+
+
+def test_panels_quick(quick_runs):
+    output, payload = run_quick(quick_runs, "panels")
+    assert payload["k"] == 6 and "item endpoint" in output
+    (job,) = payload["job"]
+    assert job["items"] == 2000 and job["index"] == "flat" and job["folder_mb"] > 0
+    assert (
+        min(job["panels_items_per_s"], job["panels_per_column_items_per_s"], job["one_search_per_item_items_per_s"]) > 0
+    )
+    # The tiny bundle, then it inflated to 2,000 items: each answered live and from its panels.
+    assert [entry["bundle_items"] for entry in payload["endpoint"]] == [96, 2000]
+    for entry in payload["endpoint"]:
+        for source in ("live", "panels"):
+            assert entry[source]["requests"] == 50 and 0 < entry[source]["p50_ms"] <= entry[source]["p95_ms"]
