@@ -280,7 +280,10 @@ QUICK_SCRIPTS = (
     "tags",
     "index_kinds",
     "panels",
+    "ray_extraction",
 )
+#: The --quick runs that read ../shared (real photos, the shared backbone): not started without it.
+QUICK_NEEDS_SHARED = {"quality", "ray_extraction"}
 #: Seconds a --quick run may take (TensorFlow's import included); those that train models get longer.
 QUICK_TIMEOUTS = {"quality": 300, "hierarchy": 180, "tags": 180, "multihead": 240}
 #: --quick runs at a time. Each spends seconds importing TensorFlow and tracing models on one
@@ -330,12 +333,12 @@ def start_quick_run(script: str) -> QuickRun:
 def quick_runs(request):
     """The --quick runs of the benchmarks this session selected, started at once, QUICK_PARALLEL at a time.
 
-    Returns script -> a future of its :class:`QuickRun`. The real-data one (quality) is not
-    started when ../shared is absent: its test skips.
+    Returns script -> a future of its :class:`QuickRun`. Those in QUICK_NEEDS_SHARED are not
+    started when ../shared is absent: their tests skip.
     """
     selected = {item.name for item in request.session.items}
     shared = shared_present()
-    scripts = [s for s in QUICK_SCRIPTS if f"test_{s}_quick" in selected and (shared or s != "quality")]
+    scripts = [s for s in QUICK_SCRIPTS if f"test_{s}_quick" in selected and (shared or s not in QUICK_NEEDS_SHARED)]
     pool = ThreadPoolExecutor(max_workers=QUICK_PARALLEL, thread_name_prefix="bench-quick")
     request.addfinalizer(lambda: pool.shutdown(wait=True, cancel_futures=True))
     return {script: pool.submit(start_quick_run, script) for script in scripts}

@@ -166,3 +166,22 @@ def test_panels_quick(quick_runs):
     for entry in payload["endpoint"]:
         for source in ("live", "panels"):
             assert entry[source]["requests"] == 50 and 0 < entry[source]["p50_ms"] <= entry[source]["p95_ms"]
+
+
+def test_ray_extraction_quick(quick_runs):
+    """48 photos through the in-process loop and through Ray actors (in ``unshare -n``): same bits, both reported."""
+    from conftest import skip_without_shared
+    from test_ray_engine import namespace_problem
+
+    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
+    skip_without_shared()
+    problem = namespace_problem()
+    if problem:
+        pytest.skip(problem)
+    output, payload = run_quick(quick_runs, "ray_extraction")
+    assert payload["images"] == 48 and payload["max_difference"] == 0.0
+    rows = {row["run"]: row for row in payload["rows"]}
+    assert set(rows) == {"in process", "ray job", "ray incl. start"}
+    assert all(row["images"] == 48 and row["img_per_s"] > 0 for row in rows.values())
+    assert rows["in process"]["share_of_local"] == 1.0
+    assert f"{rows['ray job']['share_of_local']:8.2f}" in output

@@ -3,8 +3,7 @@
 100,000 catalog rows with both views of 2,048-d features stored (1.5 GiB of features); the
 build trains on a stratified sample and embeds in Ray actors, so the driver's peak resident
 memory grows by less than the features it would hold if it read them all. Its own file (not
-tests/test_ray_engine.py) so that pytest-xdist runs it beside that module's namespace job; the
-Ray extraction benchmark's quick run goes with it.
+tests/test_ray_engine.py) so that pytest-xdist runs it beside that module's namespace job.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import skip_without_shared
 from test_ray_engine import ROOT, in_namespace, namespace_problem
 
 ROWS = 100_000
@@ -53,22 +51,3 @@ def test_a_large_ray_build_never_holds_all_features_on_the_driver(tmp_path):
     answer = bundle.similar_to_item("sku-12345")
     labels = Counter(n["labels"]["label"] for n in answer["neighbors"])
     assert labels == Counter({bundle.rows[12345].labels["label"]: 6})
-
-
-def test_ray_extraction_benchmark_runs():
-    """bench/ray_extraction.py --quick: both paths extract the same 48 photos, bit for bit, and it reports them."""
-    pytest.importorskip("ray.data", reason="the Ray engine needs ray[data]")
-    skip_without_shared()
-    problem = namespace_problem()
-    if problem:
-        pytest.skip(problem)
-    script = str(ROOT / "bench" / "ray_extraction.py")
-    done = in_namespace([sys.executable, script, "--quick", "--no-namespace"], 300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((ROOT / "bench" / "results" / "ray_extraction-quick.json").read_text())
-    assert result["images"] == 48 and result["max_difference"] == 0.0
-    rows = {row["run"]: row for row in result["rows"]}
-    assert set(rows) == {"in process", "ray job", "ray incl. start"}
-    assert all(row["images"] == 48 and row["img_per_s"] > 0 for row in rows.values())
-    assert rows["in process"]["share_of_local"] == 1.0
-    assert f"{rows['ray job']['share_of_local']:8.2f}" in done.stdout
