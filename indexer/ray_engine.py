@@ -277,7 +277,7 @@ def extract_features_ray(
     keep = []
     for row, digest in zip(rows, hashes):
         if digest in errors:
-            bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=errors[digest]))
+            bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=errors[digest], sha256=digest))
         else:
             keep.append((row, digest))
     out_hashes = [digest for _, digest in keep]

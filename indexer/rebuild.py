@@ -32,6 +32,7 @@ from recommender.manifest import CatalogRecord, Manifest
 
 if TYPE_CHECKING:  # indexer.build loads the training stack: imported when a rebuild runs
     from indexer.build import ClassifierReuse
+    from recommender.catalog import BadRow
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,29 @@ def display_columns_of(manifest: Manifest) -> tuple[str | None, str | None, str 
     return (manifest.catalog.title_column, manifest.catalog.price_column, manifest.catalog.url_column)
 
 
+def undecodable_photos(bundle: Path) -> dict[tuple[str, str], BadRow]:
+    """The rows whose photo would not decode when ``bundle`` was built, by (id, sha256).
+
+    From the bundle's ``build_report.json`` (verified with the bundle); bundles built before
+    bad rows carried their photo's sha256 give none.
+    """
+    from recommender.catalog import BadRow
+
+    report = json.loads((bundle / "build_report.json").read_text(encoding="utf-8"))
+    found = {}
+    for entry in report.get("bad_rows", []):
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+            bad = BadRow(**{key: entry[key] for key in ("line", "id", "image", "reason", "sha256")})
+            found[(bad.id, bad.sha256)] = bad
+    return found
+
+
 def unchanged_without_backbone(
-    catalog, current_manifest: Manifest, current_rows: list[CatalogRecord], build_config: BuildConfig
+    catalog,
+    current: Path,
+    current_manifest: Manifest,
+    current_rows: list[CatalogRecord],
+    build_config: BuildConfig,
 ) -> tuple[Changes, list] | None:
     """Whether a catalog is exactly what the current bundle holds, told without loading the backbone.
 
@@ -216,7 +238,10 @@ def unchanged_without_backbone(
     one of the bundle's records with the same photo (sha256), labels, tags and details, and
     every record is still there. Then the full path (features, :func:`check_reuse`, the diff)
     would come to "nothing changed" too: the same rows give the same features, taxonomy and
-    class counts. Anything else returns None and the full path decides.
+    class counts. A row whose photo would not decode at the bundle's build, with the same id,
+    the same bytes and the same ``max_pixels``, fails again without being decoded
+    (:func:`undecodable_photos`): a catalog with a broken photo is still unchanged. Anything
+    else returns None and the full path decides.
 
     Returns:
         ``(changes, rows that could not be read)`` when unchanged, else None.
@@ -241,10 +266,18 @@ def unchanged_without_backbone(
     if not recorded_backbone_matches(build_config.backbone, current_manifest.backbone, current_manifest.libraries):
         return None
     rows, hashes, unreadable = hash_rows(catalog.rows)
+    known = undecodable_photos(current) if build_config.max_pixels == current_manifest.max_pixels else {}
+    failing = [
+        replace(known[key], line=row.line, image=row.image) if (key := (row.id, digest)) in known else None
+        for row, digest in zip(rows, hashes)
+    ]
+    if any(failing):
+        rows = [row for row, bad in zip(rows, failing) if bad is None]
+        hashes = [digest for digest, bad in zip(hashes, failing) if bad is None]
     changes = diff_catalog(current_rows, rows, hashes)
     if changes.any:
         return None
-    return changes, catalog.bad_rows + unreadable
+    return changes, catalog.bad_rows + unreadable + [bad for bad in failing if bad is not None]
 
 
 def rebuild(
@@ -305,7 +338,7 @@ def rebuild(
             if current is not None and config.retrain != "always":
                 # Most nights nothing changed: tell so from the photos' hashes and the bundle's
                 # records alone, without loading the backbone (and importing TensorFlow).
-                same = unchanged_without_backbone(catalog, current_manifest, current_rows, build_config)
+                same = unchanged_without_backbone(catalog, current, current_manifest, current_rows, build_config)
                 if same is not None:
                     changes, failed = same
                     counts = {**changes.counts(), "failed": len(failed), "extracted": 0}

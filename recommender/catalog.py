@@ -59,12 +59,17 @@ class CatalogRow:
 
 @dataclass(frozen=True)
 class BadRow:
-    """A row left out of the build, and why."""
+    """A row left out of the build, and why.
+
+    ``sha256`` is set where the photo's bytes were read but would not decode: the same bytes
+    fail the same way, so a rebuild that finds them again knows the row without decoding it.
+    """
 
     line: int
     id: str
     image: str
     reason: str
+    sha256: str | None = None
 
     def describe(self) -> str:
         """One line for logs and error messages."""
@@ -73,7 +78,8 @@ class BadRow:
 
     def to_json(self) -> dict:
         """JSON-ready form for the bundle's build report."""
-        return {"line": self.line, "id": self.id, "image": self.image, "reason": self.reason}
+        found = {"line": self.line, "id": self.id, "image": self.image, "reason": self.reason}
+        return {**found, "sha256": self.sha256} if self.sha256 else found
 
 
 @dataclass(frozen=True)

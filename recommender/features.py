@@ -403,7 +403,7 @@ def extract_features(
         images, digests = [], []
         for (row, digest), image in zip(batch, decoded):
             if isinstance(image, InvalidImageError):
-                bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(image)))
+                bad_rows.append(BadRow(line=row.line, id=row.id, image=row.image, reason=str(image), sha256=digest))
                 failed.add(row.id)
             else:
                 images.append(image)

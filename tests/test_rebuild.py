@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -106,9 +107,9 @@ def test_incremental_counts_and_reuse(photos, build_config, tmp_path):
     manifest = read_manifest(root / "current")
     records = read_catalog_rows(root / "current", manifest.counts.items)
     catalog = load_catalog(folder / "v1-again.csv", build_config)
-    assert unchanged_without_backbone(catalog, manifest, records, build_config) is not None
+    assert unchanged_without_backbone(catalog, root / "current", manifest, records, build_config) is not None
     other = replace(build_config, backbone=replace(build_config.backbone, seed=1))
-    assert unchanged_without_backbone(catalog, manifest, records, other) is None
+    assert unchanged_without_backbone(catalog, root / "current", manifest, records, other) is None
 
     # Add 2 products, change the photo of 1, remove 3: 6 of 36 (17%) stays under the 20% threshold.
     changed = [dict(row) for row in rows[3:]]
@@ -140,6 +141,35 @@ def test_incremental_counts_and_reuse(photos, build_config, tmp_path):
     assert remapped["state"] == "published" and not remapped["retrain"]
     assert remapped["counts"]["unchanged"] == len(second_rows)
     assert json.loads((root / "current" / "manifest.json").read_text())["catalog"]["price_column"] == "department"
+
+
+def test_a_broken_photo_keeps_an_unchanged_night_fast(photos, build_config, tmp_path):
+    """A photo that would not decode at the build fails again from its hash: no backbone, still unchanged."""
+    folder, rows, extra = photos
+    broken = folder / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a JPEG" * 50)
+    with_broken = rows + [{**rows[0], "id": "broken-photo", "file": "broken.jpg"}]
+    root = tmp_path / "root"
+    first = rebuild(write_catalog(folder, "broken.csv", with_broken), root, build_config)
+    assert first["state"] == "published" and first["counts"]["failed"] == 1
+    (recorded,) = json.loads((root / "current" / "build_report.json").read_text())["bad_rows"]
+    assert recorded["id"] == "broken-photo" and recorded["sha256"] == hashlib.sha256(broken.read_bytes()).hexdigest()
+
+    again = rebuild(write_catalog(folder, "broken-again.csv", list(reversed(with_broken))), root, build_config)
+    assert again["state"] == "unchanged" and again["backbone_loaded"] is False
+    (failed,) = again["failed"]
+    assert (failed["id"], failed["reason"]) == ("broken-photo", first["failed"][0]["reason"])
+    assert failed["line"] == 2  # where the row is in this catalog, not in the first one
+
+    # Another limit on pixels could decode it: the full path decides (and finds it broken again).
+    bigger = replace(build_config, max_pixels=build_config.max_pixels + 1)
+    other_limit = rebuild(folder / "broken-again.csv", root, bigger)
+    assert "backbone_loaded" not in other_limit and other_limit["counts"]["failed"] == 1
+
+    # The same id with a photo that decodes is a change: built, no longer failed.
+    broken.write_bytes((folder / rows[1]["file"]).read_bytes())
+    fixed = rebuild(folder / "broken-again.csv", root, build_config)
+    assert fixed["state"] == "published" and fixed["counts"]["added"] == 1 and fixed["counts"]["failed"] == 0
 
 
 def test_retrain_policies(photos, build_config, tmp_path):
