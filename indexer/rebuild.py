@@ -27,12 +27,11 @@ from indexer.artifacts import ArtifactRoot, RunLog, job_lock
 from recommender.bundle import new_bundle_id, read_catalog_rows, read_classifier, read_label_space, verify_bundle
 from recommender.checkpoints import checkpoint
 from recommender.config import BuildConfig
-from recommender.errors import GateError, RecommenderError
+from recommender.errors import BundleError, GateError, RecommenderError
 from recommender.manifest import CatalogRecord, Manifest
 
 if TYPE_CHECKING:  # indexer.build loads the training stack: imported when a rebuild runs
     from indexer.build import ClassifierReuse
-    from recommender.catalog import BadRow
 
 log = logging.getLogger(__name__)
 
@@ -207,21 +206,27 @@ def display_columns_of(manifest: Manifest) -> tuple[str | None, str | None, str 
     return (manifest.catalog.title_column, manifest.catalog.price_column, manifest.catalog.url_column)
 
 
-def undecodable_photos(bundle: Path) -> dict[tuple[str, str], BadRow]:
-    """The rows whose photo would not decode when ``bundle`` was built, by (id, sha256).
+def undecodable_photos(bundle: Path) -> dict[tuple[str, str], str]:
+    """Why each photo that would not decode when ``bundle`` was built failed, by (row id, sha256).
 
-    From the bundle's ``build_report.json`` (verified with the bundle); bundles built before
-    bad rows carried their photo's sha256 give none.
+    From the bundle's ``build_report.json``; a bundle without one, or built before bad rows
+    carried their photo's sha256, gives none.
+
+    Raises:
+        BundleError: the build report is not JSON.
     """
-    from recommender.catalog import BadRow
-
-    report = json.loads((bundle / "build_report.json").read_text(encoding="utf-8"))
-    found = {}
-    for entry in report.get("bad_rows", []):
-        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
-            bad = BadRow(**{key: entry[key] for key in ("line", "id", "image", "reason", "sha256")})
-            found[(bad.id, bad.sha256)] = bad
-    return found
+    path = bundle / "build_report.json"
+    if not path.is_file():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise BundleError(f"{path}: not JSON ({error})") from None
+    return {
+        (entry["id"], entry["sha256"]): entry["reason"]
+        for entry in report.get("bad_rows", [])
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+    }
 
 
 def unchanged_without_backbone(
@@ -250,7 +255,7 @@ def unchanged_without_backbone(
         CatalogError: reading alone found more bad rows than ``max_bad_fraction`` (as a build would).
     """
     from recommender.backbones import recorded_backbone_matches
-    from recommender.catalog import check_bad_fraction
+    from recommender.catalog import BadRow, check_bad_fraction
     from recommender.features import hash_rows
 
     check_bad_fraction(catalog.total, catalog.bad_rows, build_config.max_bad_fraction)
@@ -268,7 +273,9 @@ def unchanged_without_backbone(
     rows, hashes, unreadable = hash_rows(catalog.rows)
     known = undecodable_photos(current) if build_config.max_pixels == current_manifest.max_pixels else {}
     failing = [
-        replace(known[key], line=row.line, image=row.image) if (key := (row.id, digest)) in known else None
+        BadRow(line=row.line, id=row.id, image=row.image, reason=known[key], sha256=digest)
+        if (key := (row.id, digest)) in known
+        else None
         for row, digest in zip(rows, hashes)
     ]
     if any(failing):
